@@ -6,6 +6,7 @@ Pure Keras 3 + numpy: nothing here imports grpc, redis or asyncio.
 from rnnserve.core._container import RecurrentCell, RecurrentModel
 from rnnserve.core._convert import ConversionError, from_keras
 from rnnserve.core._graph import StepLayout
+from rnnserve.core._sequential import RecurrentSequential
 from rnnserve.core._signature import StepSignature, TensorSpec
 from rnnserve.core._step import StepFunction, bucket_sizes, step_signature
 
@@ -13,6 +14,7 @@ __all__ = [
     "ConversionError",
     "RecurrentCell",
     "RecurrentModel",
+    "RecurrentSequential",
     "StepFunction",
     "StepLayout",
     "StepSignature",

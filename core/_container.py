@@ -49,15 +49,21 @@ class _StepGraphLayer(keras.layers.Layer):
     def __init__(
         self,
         *,
-        step_model: keras.Model,
-        layout: StepLayout,
+        step_model: keras.Model | None,
+        layout: StepLayout | None,
         state_initializers: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self._state_initializers_arg = state_initializers
+        if step_model is not None and layout is not None:
+            self._attach(step_model, layout)
+
+    def _attach(self, step_model: keras.Model, layout: StepLayout) -> None:
+        """Adopt a built step graph (at construction, or in `build` for deferred graphs)."""
         self.step_model = step_model
         self.layout = layout
-        self.state_initializers = _initializer_list(state_initializers, layout.n_states)
+        self.state_initializers = _initializer_list(self._state_initializers_arg, layout.n_states)
         self.built = True
 
     # -- what the step graph looks like ------------------------------------
@@ -177,18 +183,6 @@ class RecurrentModel(_StepGraphLayer):
         super().__init__(
             step_model=step_model, layout=layout, state_initializers=state_initializers, **kwargs
         )
-        if layout.n_sequence_inputs == 0 and output_length is None:
-            raise ValueError(
-                "a step graph with no sequence input is a decoder: give output_length, "
-                "the number of steps to generate"
-            )
-        if output_length is not None and int(output_length) < 1:
-            raise ValueError(f"output_length must be >= 1, got {output_length}")
-        if teacher_force and not layout.readouts:
-            raise ValueError(
-                "teacher_force=True needs a readout: a state output that is also a "
-                "sequence output, whose previous value the ground truth replaces"
-            )
         self.return_sequences = bool(return_sequences)
         self.return_state = bool(return_state)
         self.go_backwards = bool(go_backwards)
@@ -198,6 +192,23 @@ class RecurrentModel(_StepGraphLayer):
         self.zero_output_for_mask = bool(zero_output_for_mask)
         self.stateful = False
         self.supports_masking = True
+        self._check_options()
+
+    def _check_options(self) -> None:
+        """Options that depend on the graph's layout (checked once it is known)."""
+        layout = self.layout
+        if layout.n_sequence_inputs == 0 and self.output_length is None:
+            raise ValueError(
+                "a step graph with no sequence input is a decoder: give output_length, "
+                "the number of steps to generate"
+            )
+        if self.output_length is not None and self.output_length < 1:
+            raise ValueError(f"output_length must be >= 1, got {self.output_length}")
+        if self.teacher_force and not layout.readouts:
+            raise ValueError(
+                "teacher_force=True needs a readout: a state output that is also a "
+                "sequence output, whose previous value the ground truth replaces"
+            )
 
     @property
     def cell(self) -> RecurrentCell:
@@ -252,6 +263,21 @@ class RecurrentModel(_StepGraphLayer):
             "pass initial_state so the batch size is known"
         )
 
+    def _output_shapes(
+        self, batch: Any, length: Any
+    ) -> list[tuple[tuple[Any, ...], str]]:
+        """(shape, dtype) of each returned tensor, in return order."""
+        shapes = []
+        n_sequence = len(self.layout.sequence_outputs)
+        for position, (shape, dtype) in enumerate(self.output_specs):
+            if position < n_sequence and self.return_sequences:
+                shapes.append(((batch, length, *shape), dtype))
+            else:
+                shapes.append(((batch, *shape), dtype))
+        if self.return_state:
+            shapes += [((batch, *shape), dtype) for shape, dtype in self.state_specs]
+        return shapes
+
     def compute_output_spec(
         self,
         inputs: Any = None,
@@ -263,16 +289,14 @@ class RecurrentModel(_StepGraphLayer):
     ) -> Any:
         sequences, constants_list, states = self._arguments(inputs, initial_state, constants)
         batch, length = self._batch_and_length(sequences, constants_list, states)
-        outputs = []
-        n_sequence = len(self.layout.sequence_outputs)
-        for position, (shape, dtype) in enumerate(self.output_specs):
-            if position < n_sequence and self.return_sequences:
-                outputs.append(keras.KerasTensor((batch, length, *shape), dtype=dtype))
-            else:
-                outputs.append(keras.KerasTensor((batch, *shape), dtype=dtype))
-        if self.return_state:
-            outputs += [keras.KerasTensor((batch, *s), dtype=d) for s, d in self.state_specs]
+        outputs = [keras.KerasTensor(s, dtype=d) for s, d in self._output_shapes(batch, length)]
         return outputs[0] if len(outputs) == 1 else outputs
+
+    def compute_output_shape(self, inputs_shape: Any, initial_state_shape: Any = None) -> Any:
+        first = inputs_shape[0] if isinstance(inputs_shape[0], (tuple, list)) else inputs_shape
+        length = first[1] if self.layout.n_sequence_inputs else self.output_length
+        shapes = [s for s, _ in self._output_shapes(first[0], length)]
+        return shapes[0] if len(shapes) == 1 else shapes
 
     def compute_mask(self, inputs: Any, mask: Any = None) -> Any:
         combined = _combine_masks(mask) if self.return_sequences else None
