@@ -85,9 +85,7 @@ class _StepGraphLayer(keras.layers.Layer):
             states.append(init(shape=(batch_size, *shape), dtype=dtype))
         return states
 
-    def _run_step(
-        self, values: Sequence[Any], training: Any = None
-    ) -> tuple[list[Any], list[Any]]:
+    def _run_step(self, values: Sequence[Any], training: Any = None) -> tuple[list[Any], list[Any]]:
         """One step on tensors -> (distinct tracked outputs, new states)."""
         outs = call_step(self.step_model, values, training=training)
         return (
@@ -263,9 +261,7 @@ class RecurrentModel(_StepGraphLayer):
             "pass initial_state so the batch size is known"
         )
 
-    def _output_shapes(
-        self, batch: Any, length: Any
-    ) -> list[tuple[tuple[Any, ...], str]]:
+    def _output_shapes(self, batch: Any, length: Any) -> list[tuple[tuple[Any, ...], str]]:
         """(shape, dtype) of each returned tensor, in return order."""
         shapes = []
         n_sequence = len(self.layout.sequence_outputs)
@@ -358,9 +354,7 @@ class RecurrentModel(_StepGraphLayer):
 
         n_seq = len(sequences)
         has_mask = combined_mask is not None
-        tracked_specs = [
-            _spec(self.step_model.outputs[i]) for i in layout.tracked_outputs
-        ]
+        tracked_specs = [_spec(self.step_model.outputs[i]) for i in layout.tracked_outputs]
         seq_positions = [layout.tracked_outputs.index(i) for i in layout.sequence_outputs]
         final_positions = [layout.tracked_outputs.index(i) for i in layout.final_outputs]
         collect = self.return_sequences
@@ -395,10 +389,14 @@ class RecurrentModel(_StepGraphLayer):
             ys = [emitted[p] for p in seq_positions] if collect else []
             return (list(new_states), list(outputs)), ys
 
-        initial_outputs = [ops.zeros((batch, *shape), dtype=dtype) for shape, dtype in tracked_specs]
-        y_specs = [
-            ((None, *tracked_specs[p][0]), tracked_specs[p][1]) for p in seq_positions
-        ] if collect else []
+        initial_outputs = [
+            ops.zeros((batch, *shape), dtype=dtype) for shape, dtype in tracked_specs
+        ]
+        y_specs = (
+            [((None, *tracked_specs[p][0]), tracked_specs[p][1]) for p in seq_positions]
+            if collect
+            else []
+        )
         (final_states, last_outputs), ys = scan(
             step,
             (list(states), initial_outputs),
@@ -463,7 +461,11 @@ class RecurrentCell(_StepGraphLayer):
         return shape[0] if len(shape) == 1 else list(shape)
 
     def _split(self, inputs: Any, states: Any, constants: Any) -> list[Any]:
-        sequences, states_list, constants_list = as_list(inputs), as_list(states), as_list(constants)
+        sequences, states_list, constants_list = (
+            as_list(inputs),
+            as_list(states),
+            as_list(constants),
+        )
         layout = self.layout
         for role, got, want in (
             ("input", len(sequences), layout.n_sequence_inputs),

@@ -48,7 +48,11 @@ _PER_STEP_LAYERS: tuple[type[Any], ...] = (
     keras.layers.Concatenate,
 )
 
-_STATE_NAMES = {keras.layers.LSTMCell: ("h", "c"), keras.layers.GRUCell: ("h",), keras.layers.SimpleRNNCell: ("h",)}
+_STATE_NAMES = {
+    keras.layers.LSTMCell: ("h", "c"),
+    keras.layers.GRUCell: ("h",),
+    keras.layers.SimpleRNNCell: ("h",),
+}
 
 
 class ConversionError(ValueError):
@@ -96,12 +100,15 @@ class _Converter:
 
     # -- the per-layer rules --------------------------------------------------
     def call(self, layer: Any, *args: Any, **kwargs: Any) -> Any:
-        tensors = [t for t in keras.tree.flatten((args, kwargs)) if isinstance(t, keras.KerasTensor)]
+        tensors = [
+            t for t in keras.tree.flatten((args, kwargs)) if isinstance(t, keras.KerasTensor)
+        ]
         kind = self.kind_of(tensors)
         if isinstance(layer, keras.layers.Bidirectional):
             raise ConversionError(
-                layer, "its backward direction reads the sequence from the end, so it "
-                "cannot run one step at a time"
+                layer,
+                "its backward direction reads the sequence from the end, so it "
+                "cannot run one step at a time",
             )
         if isinstance(layer, keras.layers.RNN):
             return self.recurrent(layer, args, kwargs, kind)
@@ -115,45 +122,61 @@ class _Converter:
         if isinstance(layer, _PER_STEP_LAYERS):
             if kind == "mixed":
                 raise ConversionError(
-                    layer, "it combines a per-step sequence with the last value of another "
-                    "sequence, which has no single-step form"
+                    layer,
+                    "it combines a per-step sequence with the last value of another "
+                    "sequence, which has no single-step form",
                 )
             self.check_per_step(layer, tensors, rank=len(tensors[0].shape) + 1)
             copy = _copy_layer(layer, layer.name)
             self.copies.append((copy, layer))
             return self.mark(copy(*args, **_without_mask(kwargs)), kind)
         raise ConversionError(
-            layer, "it is not a recurrent layer nor a layer known to act on each timestep "
+            layer,
+            "it is not a recurrent layer nor a layer known to act on each timestep "
             "separately (Dense, Embedding, Dropout, Activation, LayerNormalization, "
-            "TimeDistributed, merge layers...)"
+            "TimeDistributed, merge layers...)",
         )
 
     def check_per_step(self, layer: Any, tensors: list[Any], rank: int) -> None:
         """`rank` is the rank the layer saw in the original (sequence) model."""
         if isinstance(layer, keras.layers.Embedding) and layer.mask_zero:
             raise ConversionError(
-                layer, "mask_zero=True masks padded steps of a whole sequence; a served "
-                "step is never padding. Set mask_zero=False (weights unchanged) to convert"
+                layer,
+                "mask_zero=True masks padded steps of a whole sequence; a served "
+                "step is never padding. Set mask_zero=False (weights unchanged) to convert",
             )
-        if isinstance(layer, (keras.layers.Concatenate, keras.layers.Softmax)) and not _axis_is_last(layer.axis, rank):
-            raise ConversionError(layer, f"axis={layer.axis} crosses timesteps; only the last axis can")
-        if isinstance(layer, keras.layers.LayerNormalization) and not _axis_is_last(layer.axis, rank):
+        if isinstance(
+            layer, (keras.layers.Concatenate, keras.layers.Softmax)
+        ) and not _axis_is_last(layer.axis, rank):
+            raise ConversionError(
+                layer, f"axis={layer.axis} crosses timesteps; only the last axis can"
+            )
+        if isinstance(layer, keras.layers.LayerNormalization) and not _axis_is_last(
+            layer.axis, rank
+        ):
             raise ConversionError(layer, f"axis={layer.axis} normalizes across timesteps")
 
-    def recurrent(self, layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any], kind: str) -> Any:
+    def recurrent(
+        self, layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any], kind: str
+    ) -> Any:
         if layer.go_backwards:
             raise ConversionError(layer, "go_backwards=True reads the sequence from the end")
         if kwargs.get("initial_state") is not None:
             raise ConversionError(
-                layer, "its initial_state comes from another tensor (an encoder-decoder); "
-                "convert the encoder and the decoder separately"
+                layer,
+                "its initial_state comes from another tensor (an encoder-decoder); "
+                "convert the encoder and the decoder separately",
             )
         if kind != SEQUENCE:
             raise ConversionError(
                 layer, "its input is the last value of another sequence, not a sequence"
             )
         x = args[0]
-        cells = list(layer.cell.cells) if isinstance(layer.cell, keras.layers.StackedRNNCells) else [layer.cell]
+        cells = (
+            list(layer.cell.cells)
+            if isinstance(layer.cell, keras.layers.StackedRNNCells)
+            else [layer.cell]
+        )
         states_out: list[Any] = []
         for position, original in enumerate(cells):
             name = layer.name if len(cells) == 1 else f"{layer.name}_{position}"
@@ -192,14 +215,16 @@ def _functional_view(model: Any) -> Any:
         functional = getattr(model, "_functional", None)
         if functional is None:
             raise ConversionError(
-                model, "the Sequential model has no input shape yet; start it with "
-                "keras.Input((time, features)) or call build()"
+                model,
+                "the Sequential model has no input shape yet; start it with "
+                "keras.Input((time, features)) or call build()",
             )
         return functional
     if not hasattr(model, "_run_through_graph"):
         raise ConversionError(
-            model, "only Sequential and functional models have a graph to convert; "
-            "a subclassed model's call() cannot be read"
+            model,
+            "only Sequential and functional models have a graph to convert; "
+            "a subclassed model's call() cannot be read",
         )
     return model
 
@@ -220,11 +245,14 @@ def from_keras(model: keras.Model, *, name: str | None = None) -> RecurrentModel
     for tensor in functional.inputs:
         if len(tensor.shape) < 2:
             raise ConversionError(
-                model, f"input {tensor.name!r} has shape {tuple(tensor.shape)}: expected "
-                "(batch, time, ...)"
+                model,
+                f"input {tensor.name!r} has shape {tuple(tensor.shape)}: expected "
+                "(batch, time, ...)",
             )
         layer_name = tensor._keras_history.operation.name
-        step_inputs.append(keras.Input(shape=tuple(tensor.shape[2:]), dtype=tensor.dtype, name=layer_name))
+        step_inputs.append(
+            keras.Input(shape=tuple(tensor.shape[2:]), dtype=tensor.dtype, name=layer_name)
+        )
     converter = _Converter()
     outputs = as_list(functional._run_through_graph(step_inputs, call_fn=converter.call))
     if not converter.state_inputs:
@@ -248,4 +276,3 @@ def from_keras(model: keras.Model, *, name: str | None = None) -> RecurrentModel
     for copy, original in converter.copies:
         copy.set_weights(original.get_weights())
     return converted
-

@@ -75,18 +75,14 @@ def _scan_tensorflow(
 
     xs = [tf.convert_to_tensor(x) for x in xs]
     n = length if length is not None else tf.shape(xs[0])[0]
-    x_arrays = [
-        tf.TensorArray(x.dtype, size=n, element_shape=x.shape[1:]).unstack(x) for x in xs
-    ]
+    x_arrays = [tf.TensorArray(x.dtype, size=n, element_shape=x.shape[1:]).unstack(x) for x in xs]
     y_arrays = [
         tf.TensorArray(dtype, size=n, element_shape=tf.TensorShape(shape))
         for shape, dtype in y_specs
     ]
     flat_carry = tf.nest.flatten(carry)
 
-    def body(
-        t: Any, flat: list[Any], ys: list[Any]
-    ) -> tuple[Any, list[Any], list[Any]]:
+    def body(t: Any, flat: list[Any], ys: list[Any]) -> tuple[Any, list[Any], list[Any]]:
         new_carry, y_t = step(
             tf.nest.pack_sequence_as(carry, flat), [xa.read(t) for xa in x_arrays]
         )

@@ -87,7 +87,9 @@ class RecurrentSequential(RecurrentModel):
         if not self.stack:
             raise ValueError(f"{self.name} has no layers")
         shape = inputs_shape[0] if isinstance(inputs_shape[0], (tuple, list)) else inputs_shape
-        x_t = keras.Input(shape=tuple(shape[2:]), dtype=self.sequence_dtype, name=f"{self.name}_input")
+        x_t = keras.Input(
+            shape=tuple(shape[2:]), dtype=self.sequence_dtype, name=f"{self.name}_input"
+        )
         state_inputs: list[Any] = []
         state_outputs: list[Any] = []
         readout_in = None

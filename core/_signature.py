@@ -60,7 +60,10 @@ class StepSignature:
 
     def initial_states(self, batch_size: int = 1) -> list[np.ndarray]:
         fn = self.initial_state_fn or _initial_zeros(self.states)
-        return [np.asarray(s, dtype=spec.dtype) for s, spec in zip(fn(batch_size), self.states, strict=True)]
+        return [
+            np.asarray(s, dtype=spec.dtype)
+            for s, spec in zip(fn(batch_size), self.states, strict=True)
+        ]
 
     @property
     def state_nbytes(self) -> int:
@@ -110,7 +113,9 @@ def specs_from_tensors(
                 f"{role} {name!r} has shape {shape} with an unknown dimension; "
                 "a served step needs every dimension but the batch fixed"
             )
-        specs.append(TensorSpec(name=name, shape=tuple(int(d) for d in shape), dtype=str(tensor.dtype)))
+        specs.append(
+            TensorSpec(name=name, shape=tuple(int(d) for d in shape), dtype=str(tensor.dtype))
+        )
     return specs
 
 

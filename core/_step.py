@@ -57,21 +57,22 @@ def _compile(step_model: keras.Model, jit_compile: bool) -> CompiledStep:
     if backend == "tensorflow":
         import tensorflow as tf
 
-        @tf.function(jit_compile=jit_compile, reduce_retracing=False, autograph=False)
         def tf_step(*values: Any) -> list[Any]:
             return as_list(step_model(list(values), training=False))
 
+        compiled = tf.function(
+            tf_step, jit_compile=jit_compile, reduce_retracing=False, autograph=False
+        )
+
         def run_tf(values: list[np.ndarray]) -> list[np.ndarray]:
-            return [t.numpy() for t in tf_step(*values)]
+            return [t.numpy() for t in compiled(*values)]
 
         return run_tf
     if backend == "jax":
         import jax
 
         def pure(trainable: Any, non_trainable: Any, values: list[Any]) -> list[Any]:
-            outputs, _ = step_model.stateless_call(
-                trainable, non_trainable, values, training=False
-            )
+            outputs, _ = step_model.stateless_call(trainable, non_trainable, values, training=False)
             return as_list(outputs)
 
         jitted = jax.jit(pure) if jit_compile else pure
@@ -79,7 +80,8 @@ def _compile(step_model: keras.Model, jit_compile: bool) -> CompiledStep:
         def run_jax(values: list[np.ndarray]) -> list[np.ndarray]:
             trainable = [v.value for v in step_model.trainable_variables]
             non_trainable = [v.value for v in step_model.non_trainable_variables]
-            return [np.asarray(o) for o in jitted(trainable, non_trainable, values)]
+            results: list[Any] = jitted(trainable, non_trainable, values)
+            return [np.asarray(o) for o in results]
 
         return run_jax
 
@@ -160,7 +162,9 @@ class StepFunction:
             raw = self._run_padded(values, batch)
         else:
             parts = [
-                self._run_padded([v[start : start + limit] for v in values], min(limit, batch - start))
+                self._run_padded(
+                    [v[start : start + limit] for v in values], min(limit, batch - start)
+                )
                 for start in range(0, batch, limit)
             ]
             raw = [np.concatenate(chunk, axis=0) for chunk in zip(*parts, strict=True)]
@@ -207,9 +211,7 @@ class StepFunction:
             if batch is None:
                 batch = array.shape[0]
             elif array.shape[0] != batch:
-                raise ValueError(
-                    f"{spec.name}: batch size {array.shape[0]} differs from {batch}"
-                )
+                raise ValueError(f"{spec.name}: batch size {array.shape[0]} differs from {batch}")
             checked.append(array.astype(spec.dtype, copy=False))
         return checked
 

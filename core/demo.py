@@ -107,7 +107,9 @@ def main() -> None:
         outputs, states = step([sample[:, t]], [], states)
         stepped.append(outputs[0])
     difference = float(np.abs(np.stack(stepped, axis=1) - whole).max())
-    print(f"whole sequence vs {sample.shape[1]} compiled steps: max |difference| = {difference:.2e}")
+    print(
+        f"whole sequence vs {sample.shape[1]} compiled steps: max |difference| = {difference:.2e}"
+    )
     print(f"generated: {args.prompt!r} -> {generate(step, args.prompt, 60)!r}")
 
 

@@ -5,6 +5,6 @@ cd "$(dirname "$0")/.."
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-3}
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy core service client
+bash scripts/typecheck.sh
 .venv/bin/python scripts/gen_protos.py --check
 .venv/bin/python -m pytest "$@"

@@ -44,10 +44,7 @@ def grid_model(
     else:
         states = [keras.Input((units,), name="h")]
         cell_layer = L.SimpleRNNCell(units)
-    if feed:
-        joined = feed[0] if len(feed) == 1 else L.concatenate(feed)
-    else:
-        joined = L.Dense(2)(states[0])
+    joined = (feed[0] if len(feed) == 1 else L.concatenate(feed)) if feed else L.Dense(2)(states[0])
     h, new_states = cell_layer(joined, states)
     seq_outputs = [L.Dense(4, name=f"y{i}")(h) for i in range(max(n_seq_out, 1 if readout else 0))]
     finals = [L.Dense(1, name=f"f{i}")(h) for i in range(n_final)]
@@ -82,7 +79,10 @@ def _pairwise_cases() -> list[tuple[str, int, int, int, int, bool]]:
     while uncovered:
         best = max(
             candidates,
-            key=lambda c: sum((i, a, j, b) in uncovered for (i, a), (j, b) in itertools.combinations(enumerate(c), 2)),
+            key=lambda c: sum(
+                (i, a, j, b) in uncovered
+                for (i, a), (j, b) in itertools.combinations(enumerate(c), 2)
+            ),
         )
         chosen.append(best)
         uncovered -= {(i, a, j, b) for (i, a), (j, b) in itertools.combinations(enumerate(best), 2)}
@@ -105,7 +105,9 @@ def test_grid_of_roles_fits_and_round_trips(
     constants = [keras.Input((2,)) for _ in range(n_const)]
     outputs = rnn(sequences if sequences else None, constants=constants or None)
     model = keras.Model([*sequences, *constants], outputs)
-    data = [_x(batch, steps, 3 + i) for i in range(n_seq_in)] + [_x(batch, 2) for _ in range(n_const)]
+    data = [_x(batch, steps, 3 + i) for i in range(n_seq_in)] + [
+        _x(batch, 2) for _ in range(n_const)
+    ]
     expected = _outputs(model(data))
     targets = [np.zeros_like(e) for e in expected]
     model.compile(optimizer="sgd", loss="mse")
@@ -121,7 +123,10 @@ def test_grid_of_roles_fits_and_round_trips(
     # Config round trip: same structure; weights round trip: same numbers.
     clone = RecurrentModel.from_config(rnn.get_config())
     clone.set_weights(rnn.get_weights())
-    rebuilt = keras.Model([*sequences, *constants], clone(sequences if sequences else None, constants=constants or None))
+    rebuilt = keras.Model(
+        [*sequences, *constants],
+        clone(sequences if sequences else None, constants=constants or None),
+    )
     for got, want in zip(_outputs(rebuilt(data)), _outputs(model(data)), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-6)
 
@@ -129,14 +134,23 @@ def test_grid_of_roles_fits_and_round_trips(
 def test_nested_recurrent_model_as_a_cell() -> None:
     x_t, h = keras.Input((5,)), keras.Input((4,))
     h_t = L.Dense(4, activation="tanh")(L.concatenate([x_t, h]))
-    inner = RecurrentModel(sequence_inputs=x_t, state_inputs=h, sequence_outputs=h_t, state_outputs=h_t, return_sequences=True)
+    inner = RecurrentModel(
+        sequence_inputs=x_t,
+        state_inputs=h,
+        sequence_outputs=h_t,
+        state_outputs=h_t,
+        return_sequences=True,
+    )
 
     x_t2, h_in, g_in = keras.Input((5,)), keras.Input((4,)), keras.Input((3,))
     y_inner, [h_next] = inner.cell(x_t2, [h_in])
     y, [g_next] = L.GRUCell(3)(y_inner, [g_in])
     outer = RecurrentModel(
-        sequence_inputs=x_t2, state_inputs=[h_in, g_in], sequence_outputs=y,
-        state_outputs=[h_next, g_next], return_sequences=True,
+        sequence_inputs=x_t2,
+        state_inputs=[h_in, g_in],
+        sequence_outputs=y,
+        state_outputs=[h_next, g_next],
+        return_sequences=True,
     )
     x = _x(6, 5, 5)
     # The nested cell shares the inner model's weights: outer == GRU over inner.
@@ -145,7 +159,9 @@ def test_nested_recurrent_model_as_a_cell() -> None:
     gru.set_weights(outer.step_model.layers[-1].get_weights())
     np.testing.assert_allclose(_np(outer(x)), _np(gru(inner(x))), atol=1e-5)
     # And the cell drives keras.layers.RNN too.
-    np.testing.assert_allclose(_np(L.RNN(inner.cell, return_sequences=True)(x)), _np(inner(x)), atol=1e-6)
+    np.testing.assert_allclose(
+        _np(L.RNN(inner.cell, return_sequences=True)(x)), _np(inner(x)), atol=1e-6
+    )
 
 
 def test_nested_recurrent_sequential() -> None:
@@ -163,7 +179,13 @@ def test_nested_recurrent_sequential() -> None:
 def test_bidirectional_wraps_a_recurrent_model() -> None:
     x_t, h = keras.Input((5,)), keras.Input((4,))
     h_t = L.Dense(4, activation="tanh")(L.concatenate([x_t, h]))
-    rnn = RecurrentModel(sequence_inputs=x_t, state_inputs=h, sequence_outputs=h_t, state_outputs=h_t, return_sequences=True)
+    rnn = RecurrentModel(
+        sequence_inputs=x_t,
+        state_inputs=h,
+        sequence_outputs=h_t,
+        state_outputs=h_t,
+        return_sequences=True,
+    )
     bidi = L.Bidirectional(rnn, merge_mode="concat")
     x = _x(3, 6, 5)
     out = _np(bidi(x))
@@ -179,8 +201,13 @@ def test_keras_file_round_trip(tmp_path: Path) -> None:
     x_t, c, h = keras.Input((5,)), keras.Input((2,)), keras.Input((4,))
     y_t, [h_t] = L.GRUCell(4)(L.concatenate([x_t, c]), [h])
     rnn = RecurrentModel(
-        sequence_inputs=x_t, constant_inputs=c, state_inputs=h, sequence_outputs=y_t,
-        state_outputs=h_t, final_outputs=L.Dense(2)(y_t), return_sequences=True,
+        sequence_inputs=x_t,
+        constant_inputs=c,
+        state_inputs=h,
+        sequence_outputs=y_t,
+        state_outputs=h_t,
+        final_outputs=L.Dense(2)(y_t),
+        return_sequences=True,
     )
     sequences, constant = keras.Input((None, 5)), keras.Input((2,))
     stack = RecurrentSequential([L.LSTMCell(3), L.Dense(4)], readout="add", return_sequences=True)

@@ -25,7 +25,12 @@ def vanilla_rnn(units: int = 10, features: int = 5, **options: object) -> Recurr
     x_t = keras.Input((features,), name="x")
     h_tm1 = keras.Input((units,), name="h")
     h_t = L.Activation("tanh")(
-        L.add([L.Dense(units, name="kernel")(x_t), L.Dense(units, use_bias=False, name="recurrent")(h_tm1)])
+        L.add(
+            [
+                L.Dense(units, name="kernel")(x_t),
+                L.Dense(units, use_bias=False, name="recurrent")(h_tm1),
+            ]
+        )
     )
     return RecurrentModel(
         sequence_inputs=x_t, state_inputs=h_tm1, sequence_outputs=h_t, state_outputs=h_t, **options
@@ -115,7 +120,11 @@ def test_stack_equals_the_same_keras_layers_in_sequence() -> None:
     stack = RecurrentSequential([L.LSTMCell(7), L.SimpleRNNCell(8), L.GRUCell(10)])
     got = _np(stack(x))
     reference = keras.Sequential(
-        [L.RNN(L.LSTMCell(7), return_sequences=True), L.RNN(L.SimpleRNNCell(8), return_sequences=True), L.RNN(L.GRUCell(10))]
+        [
+            L.RNN(L.LSTMCell(7), return_sequences=True),
+            L.RNN(L.SimpleRNNCell(8), return_sequences=True),
+            L.RNN(L.GRUCell(10)),
+        ]
     )
     reference.build((None, None, 5))
     reference.set_weights(stack.get_weights())
@@ -209,7 +218,10 @@ def test_teacher_forcing_needs_a_readout() -> None:
     h_t = L.Dense(4)(h)
     with pytest.raises(ValueError, match="teacher_force=True needs a readout"):
         RecurrentModel(
-            sequence_inputs=x_t, state_inputs=h, sequence_outputs=out, state_outputs=h_t,
+            sequence_inputs=x_t,
+            state_inputs=h,
+            sequence_outputs=out,
+            state_outputs=h_t,
             teacher_force=True,
         )
 
@@ -219,8 +231,14 @@ def test_constants_and_initial_state_and_final_outputs() -> None:
     h_t = L.Dense(3, activation="tanh")(L.concatenate([x_t, c, h]))
     score = L.Dense(1, name="score")(h_t)
     rnn = RecurrentModel(
-        sequence_inputs=x_t, constant_inputs=c, state_inputs=h, sequence_outputs=h_t,
-        state_outputs=h_t, final_outputs=score, return_sequences=True, return_state=True,
+        sequence_inputs=x_t,
+        constant_inputs=c,
+        state_inputs=h,
+        sequence_outputs=h_t,
+        state_outputs=h_t,
+        final_outputs=score,
+        return_sequences=True,
+        return_state=True,
     )
     x, constant, start = _x(5, 4, 4), _x(5, 2), _x(5, 3)
     sequence, final, state = (_np(v) for v in rnn(x, constants=[constant], initial_state=[start]))
@@ -251,8 +269,17 @@ def test_wrong_arguments_name_the_problem() -> None:
         rnn(_x(1, 2, 5), initial_state=[_x(1, 10), _x(1, 10)])
     x_t, h = keras.Input((5,)), keras.Input((4,))
     with pytest.raises(ValueError, match="pair up by position"):
-        RecurrentModel(sequence_inputs=x_t, state_inputs=h, sequence_outputs=L.Dense(4)(x_t), state_outputs=[])
+        RecurrentModel(
+            sequence_inputs=x_t, state_inputs=h, sequence_outputs=L.Dense(4)(x_t), state_outputs=[]
+        )
     with pytest.raises(ValueError, match="state input has shape"):
-        RecurrentModel(sequence_inputs=x_t, state_inputs=h, sequence_outputs=L.Dense(3)(x_t), state_outputs=L.Dense(3)(x_t))
-    with pytest.raises(ValueError, match="keras.Input"):
-        RecurrentModel(sequence_inputs=L.Dense(3)(x_t), state_inputs=h, sequence_outputs=h, state_outputs=h)
+        RecurrentModel(
+            sequence_inputs=x_t,
+            state_inputs=h,
+            sequence_outputs=L.Dense(3)(x_t),
+            state_outputs=L.Dense(3)(x_t),
+        )
+    with pytest.raises(ValueError, match=r"keras\.Input"):
+        RecurrentModel(
+            sequence_inputs=L.Dense(3)(x_t), state_inputs=h, sequence_outputs=h, state_outputs=h
+        )
