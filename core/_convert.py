@@ -112,6 +112,8 @@ class _Converter:
             )
         if isinstance(layer, keras.layers.RNN):
             return self.recurrent(layer, args, kwargs, kind)
+        if isinstance(layer, RecurrentModel):
+            return self.recurrent_model(layer, args, kwargs, kind)
         if isinstance(layer, keras.Model):
             return _functional_view(layer)._run_through_graph(as_list(args[0]), call_fn=self.call)
         if isinstance(layer, keras.layers.TimeDistributed):
@@ -204,6 +206,43 @@ class _Converter:
         if layer.return_state:
             return [x, *states_out]
         return x
+
+    def recurrent_model(
+        self, layer: RecurrentModel, args: tuple[Any, ...], kwargs: dict[str, Any], kind: str
+    ) -> Any:
+        """A `RecurrentModel` inside the model: its step joins the converted step."""
+        if layer.go_backwards:
+            raise ConversionError(layer, "go_backwards=True reads the sequence from the end")
+        if layer.layout.n_constants:
+            raise ConversionError(
+                layer,
+                "it takes constants; serve the RecurrentModel itself (its constants "
+                "become the session's constants) instead of a model around it",
+            )
+        if layer.layout.n_sequence_inputs == 0:
+            raise ConversionError(layer, "a decoder generates its own steps; serve it directly")
+        if kwargs.get("initial_state") is not None:
+            raise ConversionError(layer, "its initial_state comes from another tensor")
+        if kind != SEQUENCE:
+            raise ConversionError(layer, "its input is the last value of another sequence")
+        cell = _copy_layer(layer.cell, layer.name)
+        self.copies.append((cell, layer.cell))
+        states_in = [
+            keras.Input(shape=tuple(shape), dtype=dtype, name=f"{layer.name}_state_{k}")
+            for k, (shape, dtype) in enumerate(layer.state_specs)
+        ]
+        outputs, new_states = cell(as_list(args[0]), states_in)
+        new_states = as_list(new_states)
+        self.state_inputs += states_in
+        self.state_outputs += new_states
+        n_sequence = len(layer.layout.sequence_outputs)
+        results = []
+        for position, tensor in enumerate(as_list(outputs)):
+            sequence = position < n_sequence and layer.return_sequences
+            results.append(self.mark(tensor, SEQUENCE if sequence else LAST))
+        if layer.return_state:
+            results += self.mark(new_states, LAST)
+        return results[0] if len(results) == 1 else results
 
 
 def _without_mask(kwargs: dict[str, Any]) -> dict[str, Any]:

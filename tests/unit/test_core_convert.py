@@ -185,3 +185,28 @@ def test_unconvertible_layers_are_named_with_the_reason(
         from_keras(model)
     assert caught.value.layer_name == layer_name
     assert repr(layer_name) in str(caught.value)
+
+
+def test_model_around_a_recurrent_model_is_converted() -> None:
+    from rnnserve.core import RecurrentModel
+
+    x_t, h = keras.Input((6,)), keras.Input((4,))
+    h_t = L.Dense(4, activation="tanh")(L.concatenate([x_t, h]))
+    rnn = RecurrentModel(
+        sequence_inputs=x_t,
+        state_inputs=h,
+        sequence_outputs=h_t,
+        state_outputs=h_t,
+        return_sequences=True,
+        name="inner",
+    )
+    inputs = keras.Input((None, 6))
+    model = keras.Model(
+        inputs, L.Dense(2, name="head")(L.GRU(3, return_sequences=True)(rnn(inputs)))
+    )
+    converted = from_keras(model)
+    x = _x(3, 5, 6)
+    np.testing.assert_allclose(_np(converted(x)), _np(model(x)), atol=1e-5)
+    step = StepFunction(converted)
+    assert step.signature.states[0].name == "inner_state_0"
+    assert [s.name for s in step.signature.outputs] == ["head"]
