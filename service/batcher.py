@@ -1,0 +1,373 @@
+"""`DynamicBatcher`: many callers' requests become a few batched calls.
+
+Each caller enqueues a small `Request` that carries its own future and awaits it.
+One loop task waits for the first request, then fills the batch until it holds
+`max_batch_size` requests or `max_queue_delay_s` has passed, and hands it to the
+handler in a task of its own; at most `max_batches_in_flight` such tasks run at once
+(a semaphore), so the next batch fills while the previous one computes.
+
+Requests carry a `key` (the session). A key has at most one request in flight, in
+any batch: a second request for a busy key waits in that key's line and becomes
+ready, in order, when the first completes. So a batch never holds two steps of one
+session, and a session's steps apply in the order they were submitted.
+
+The handler returns one result per request, in order: a value, an exception (that
+request fails) or `RETRY` (the request goes back to the front of the queue, keeping
+its key busy, with `attempts` incremented). If the handler raises, every request of
+the batch fails with that exception. Requests whose future was cancelled are dropped
+before they reach a batch. `aclose()` stops intake and drains what is queued.
+
+The handler is a coroutine: anything CPU-heavy in it (the model step) must run in an
+executor so the event loop never blocks; see `rnnserve.service.engine`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Generic, TypeVar
+
+from .errors import Internal, QueueFull, ShuttingDown
+
+__all__ = ["RETRY", "BatcherStats", "DynamicBatcher", "Request", "Retry"]
+
+logger = logging.getLogger(__name__)
+
+P = TypeVar("P")
+R = TypeVar("R")
+
+
+class Retry:
+    def __repr__(self) -> str:
+        return "RETRY"
+
+
+RETRY: Final = Retry()
+"""A handler's result meaning: run this request again in a later batch."""
+
+
+@dataclass(eq=False, slots=True)
+class Request(Generic[P, R]):
+    """One caller's request: what the handler sees. `attempts` counts RETRYs so far."""
+
+    key: Hashable
+    payload: P
+    future: asyncio.Future[R]
+    enqueued_at: float
+    attempts: int = 0
+
+
+@dataclass
+class BatcherStats:
+    """What the batcher has done so far (tests read it; metrics will)."""
+
+    batches: int = 0
+    requests: int = 0
+    failed_batches: int = 0
+    retried: int = 0
+    dropped_cancelled: int = 0
+    size_counts: Counter[int] = field(default_factory=Counter)
+
+    @property
+    def max_batch_size(self) -> int:
+        return max(self.size_counts, default=0)
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.requests / self.batches if self.batches else 0.0
+
+
+Handler = Callable[[list[Request[P, R]]], Awaitable[Sequence[R | BaseException | Retry]]]
+BatchHook = Callable[[int, float], None]
+
+
+class DynamicBatcher(Generic[P, R]):
+    """Batches requests for `handler`; see the module docstring for the rules.
+
+    `on_batch(size, seconds)` is called after each batch (for metrics).
+    Use `async with` or `start()` / `aclose()`; `submit` starts it on first use.
+    """
+
+    def __init__(
+        self,
+        handler: Handler[P, R],
+        *,
+        max_batch_size: int = 256,
+        max_queue_delay_s: float = 0.002,
+        max_queue_size: int = 4096,
+        max_batches_in_flight: int = 2,
+        on_batch: BatchHook | None = None,
+        name: str = "batcher",
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_batches_in_flight < 1:
+            raise ValueError(f"max_batches_in_flight must be >= 1, got {max_batches_in_flight}")
+        if max_queue_size < 1:
+            raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size}")
+        self._handler = handler
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max(0.0, max_queue_delay_s)
+        self.max_queue_size = max_queue_size
+        self.max_batches_in_flight = max_batches_in_flight
+        self.name = name
+        self._on_batch = on_batch
+        self.stats = BatcherStats()
+        self._ready: deque[Request[P, R]] = deque()
+        self._waiting: dict[Hashable, deque[Request[P, R]]] = {}
+        self._active: set[Hashable] = set()
+        self._queued = 0
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._progress: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._closing = False
+        self._closed = False
+
+    # -- lifecycle -----------------------------------------------------------------
+    def start(self) -> None:
+        """Start the batching loop on the running event loop (idempotent)."""
+        if self._closing:
+            raise ShuttingDown(f"{self.name} is closed")
+        if self._loop_task is None:
+            self._wakeup = asyncio.Event()
+            self._progress = asyncio.Event()
+            self._slots = asyncio.Semaphore(self.max_batches_in_flight)
+            self._loop_task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"{self.name}-loop"
+            )
+
+    async def __aenter__(self) -> DynamicBatcher[P, R]:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self, *, drain: bool = True) -> None:
+        """Stop taking requests; run (drain=True) or fail (`ShuttingDown`) what is queued,
+        wait for batches in flight, then stop the loop. Idempotent."""
+        self._closing = True
+        if self._loop_task is None or self._closed:
+            self._closed = True
+            return
+        assert self._wakeup is not None and self._progress is not None
+        if not drain:
+            self._fail_queued(ShuttingDown(f"{self.name} closed before this request ran"))
+        self._wakeup.set()
+        while (self._queued or self._in_flight) and not self._loop_task.done():
+            if self._in_flight:
+                await asyncio.wait(list(self._in_flight))
+            else:  # queued requests wait for the loop to dispatch them
+                self._progress.clear()
+                await self._progress.wait()
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+        self._loop_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._loop_task
+        self._fail_queued(ShuttingDown(f"{self.name} closed before this request ran"))
+        self._closed = True
+
+    # -- intake ----------------------------------------------------------------------
+    @property
+    def queued(self) -> int:
+        """Requests waiting (ready or behind their key's request in flight)."""
+        return self._queued
+
+    @property
+    def in_flight(self) -> int:
+        """Batches running now."""
+        return len(self._in_flight)
+
+    def submit(self, key: Hashable, payload: P) -> asyncio.Future[R]:
+        """Queue one request; its future resolves with the handler's result for it.
+
+        Raises `QueueFull` at `max_queue_size` and `ShuttingDown` once closing.
+        """
+        if self._closing:
+            raise ShuttingDown(f"{self.name} is shutting down and takes no new requests")
+        if self._queued >= self.max_queue_size:
+            raise QueueFull(
+                f"{self.name}: {self._queued} requests queued (max_queue_size "
+                f"{self.max_queue_size}); retry later"
+            )
+        self.start()
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        request: Request[P, R] = Request(key, payload, loop.create_future(), time.perf_counter())
+        self._queued += 1
+        if key in self._active:
+            line = self._waiting.get(key)
+            if line is None:
+                line = self._waiting[key] = deque()
+            line.append(request)
+        else:
+            self._active.add(key)
+            self._ready.append(request)
+            self._wakeup.set()
+        return request.future
+
+    async def call(self, key: Hashable, payload: P) -> R:
+        """Submit and wait. Cancelling the caller drops the request if not yet batched."""
+        return await self.submit(key, payload)
+
+    # -- internals ---------------------------------------------------------------------
+    def _release(self, key: Hashable) -> None:
+        """`key`'s request finished: make its next live request ready, or free the key."""
+        line = self._waiting.get(key)
+        while line:
+            nxt = line.popleft()
+            if nxt.future.done():  # cancelled while it waited
+                self._queued -= 1
+                self.stats.dropped_cancelled += 1
+                continue
+            self._ready.append(nxt)
+            if not line:
+                del self._waiting[key]
+            assert self._wakeup is not None
+            self._wakeup.set()
+            return
+        self._waiting.pop(key, None)
+        self._active.discard(key)
+
+    def _pop_ready(self) -> Request[P, R] | None:
+        while self._ready:
+            request = self._ready.popleft()
+            self._queued -= 1
+            if request.future.done():
+                self.stats.dropped_cancelled += 1
+                self._release(request.key)
+                self._signal_progress()
+                continue
+            return request
+        return None
+
+    def _signal_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.set()
+
+    def _fail_queued(self, exc: BaseException) -> None:
+        pending = list(self._ready)
+        for line in self._waiting.values():
+            pending.extend(line)
+        self._ready.clear()
+        self._waiting.clear()
+        self._active.clear()
+        self._queued = 0
+        for request in pending:
+            if not request.future.done():
+                request.future.set_exception(exc)
+        self._signal_progress()
+
+    async def _run(self) -> None:
+        assert self._wakeup is not None and self._slots is not None
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                await self._slots.acquire()
+                try:
+                    batch = await self._fill(loop)
+                except BaseException:
+                    self._slots.release()
+                    raise
+                task = loop.create_task(self._run_batch(batch), name=f"{self.name}-batch")
+                self._in_flight.add(task)
+                task.add_done_callback(self._in_flight.discard)
+                self._signal_progress()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # a bug here must not leave callers hanging
+            logger.exception("%s loop failed", self.name)
+            self._closing = True
+            self._fail_queued(Internal(f"{self.name} failed: {exc!r}"))
+            raise
+
+    async def _fill(self, loop: asyncio.AbstractEventLoop) -> list[Request[P, R]]:
+        wakeup = self._wakeup
+        assert wakeup is not None
+        first = self._pop_ready()
+        while first is None:
+            wakeup.clear()
+            await wakeup.wait()
+            first = self._pop_ready()
+        batch = [first]
+        deadline = loop.time() + self.max_queue_delay_s
+        while len(batch) < self.max_batch_size:
+            request = self._pop_ready()
+            if request is not None:
+                batch.append(request)
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0 or self._closing:
+                break
+            wakeup.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await wakeup.wait()
+            except TimeoutError:
+                break
+        return batch
+
+    async def _run_batch(self, batch: list[Request[P, R]]) -> None:
+        assert self._slots is not None
+        started = time.perf_counter()
+        results: Sequence[R | BaseException | Retry]
+        try:
+            results = await self._handler(batch)
+            if len(results) != len(batch):
+                raise Internal(
+                    f"{self.name} handler returned {len(results)} result(s) for a batch of "
+                    f"{len(batch)}"
+                )
+        except asyncio.CancelledError:
+            self.stats.failed_batches += 1
+            results = [ShuttingDown(f"{self.name}: batch cancelled")] * len(batch)
+        except Exception as exc:
+            self.stats.failed_batches += 1
+            results = [exc] * len(batch)
+        finally:
+            self._slots.release()
+        elapsed = time.perf_counter() - started
+        self.stats.batches += 1
+        self.stats.requests += len(batch)
+        self.stats.size_counts[len(batch)] += 1
+        # Resolve every future before freeing keys: a key's next request becomes
+        # ready only after its predecessor's outcome is visible.
+        retried: list[Request[P, R]] = []
+        released: list[Hashable] = []
+        for request, result in zip(batch, results, strict=True):
+            if result is RETRY:
+                if request.future.done():
+                    released.append(request.key)
+                else:
+                    request.attempts += 1
+                    retried.append(request)
+                continue
+            released.append(request.key)
+            if request.future.done():
+                continue
+            if isinstance(result, BaseException):
+                request.future.set_exception(result)
+            else:
+                request.future.set_result(result)  # type: ignore[arg-type]
+        if retried:
+            self.stats.retried += len(retried)
+            self._ready.extendleft(reversed(retried))
+            self._queued += len(retried)
+            assert self._wakeup is not None
+            self._wakeup.set()
+        for key in released:
+            self._release(key)
+        self._signal_progress()
+        if self._on_batch is not None:
+            try:
+                self._on_batch(len(batch), elapsed)
+            except Exception:
+                logger.exception("%s on_batch hook failed", self.name)
