@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brnnserve/v1/recurrent.proto\x12\x0brnnserve.v1\"B\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xab\x02\n\x0eModelSignature\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\'\n\x06inputs\x18\x03 \x03(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12*\n\tconstants\x18\x04 \x03(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12\'\n\x06states\x18\x05 \x03(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12(\n\x07outputs\x18\x06 \x03(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12\x1c\n\x14idle_timeout_seconds\x18\x08 \x01(\x01\x12\x1b\n\x13max_sequence_length\x18\t \x01(\r\"\xb2\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x14\n\x0c\x63reated_unix\x18\x05 \x01(\x01\x12\x14\n\x0cupdated_unix\x18\x06 \x01(\x01\x12\x1f\n\x12\x65xpires_in_seconds\x18\x07 \x01(\x01H\x00\x88\x01\x01\x42\x15\n\x13_expires_in_seconds\"/\n\nSessionRef\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x9e\x01\n\x13StartSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12&\n\tconstants\x18\x04 \x03(\x0b\x32\x13.rnnserve.v1.Tensor\x12+\n\x0einitial_states\x18\x05 \x03(\x0b\x32\x13.rnnserve.v1.Tensor\"A\n\x14StartSessionResponse\x12)\n\x07session\x18\x01 \x01(\x0b\x32\x18.rnnserve.v1.SessionInfo\"\x83\x01\n\x0bStepRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12#\n\x06inputs\x18\x03 \x03(\x0b\x32\x13.rnnserve.v1.Tensor\x12\x10\n\x03seq\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x06\n\x04_seq\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x9e\x01\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12$\n\x07outputs\x18\x03 \x03(\x0b\x32\x13.rnnserve.v1.Tensor\x12\x10\n\x08replayed\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12!\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x12.rnnserve.v1.Error\"\x8a\x01\n\x12RunSequenceRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12#\n\x06inputs\x18\x03 \x03(\x0b\x32\x13.rnnserve.v1.Tensor\x12\x10\n\x03seq\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x06\n\x04_seq\"\\\n\x13RunSequenceResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12$\n\x07outputs\x18\x03 \x03(\x0b\x32\x13.rnnserve.v1.Tensor\"%\n\x12\x45ndSessionResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"\x94\x01\n\x13ResetSessionRequest\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x17.rnnserve.v1.SessionRef\x12&\n\tconstants\x18\x02 \x03(\x0b\x32\x13.rnnserve.v1.Tensor\x12+\n\x0einitial_states\x18\x03 \x03(\x0b\x32\x13.rnnserve.v1.Tensor\"\x9d\x01\n\x13\x45xportStateResponse\x12)\n\x07session\x18\x01 \x01(\x0b\x32\x18.rnnserve.v1.SessionInfo\x12\x0e\n\x06record\x18\x02 \x01(\x0c\x12#\n\x06states\x18\x03 \x03(\x0b\x32\x13.rnnserve.v1.Tensor\x12&\n\tconstants\x18\x04 \x03(\x0b\x32\x13.rnnserve.v1.Tensor\"N\n\x12ImportStateRequest\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x17.rnnserve.v1.SessionRef\x12\x0e\n\x06record\x18\x02 \x01(\x0c\"\x13\n\x11ListModelsRequest\"D\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x03 \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.rnnserve.v1.ModelInfo\":\n\x18GetModelSignatureRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t2\x9a\x07\n\tRecurrent\x12S\n\x0cStartSession\x12 .rnnserve.v1.StartSessionRequest\x1a!.rnnserve.v1.StartSessionResponse\x12;\n\x04Step\x12\x18.rnnserve.v1.StepRequest\x1a\x19.rnnserve.v1.StepResponse\x12\x45\n\nStepStream\x12\x18.rnnserve.v1.StepRequest\x1a\x19.rnnserve.v1.StepResponse(\x01\x30\x01\x12P\n\x0bRunSequence\x12\x1f.rnnserve.v1.RunSequenceRequest\x1a .rnnserve.v1.RunSequenceResponse\x12Q\n\x11RunSequenceStream\x12\x1f.rnnserve.v1.RunSequenceRequest\x1a\x19.rnnserve.v1.StepResponse0\x01\x12\x46\n\nEndSession\x12\x17.rnnserve.v1.SessionRef\x1a\x1f.rnnserve.v1.EndSessionResponse\x12J\n\x0cResetSession\x12 .rnnserve.v1.ResetSessionRequest\x1a\x18.rnnserve.v1.SessionInfo\x12?\n\nGetSession\x12\x17.rnnserve.v1.SessionRef\x1a\x18.rnnserve.v1.SessionInfo\x12H\n\x0b\x45xportState\x12\x17.rnnserve.v1.SessionRef\x1a .rnnserve.v1.ExportStateResponse\x12H\n\x0bImportState\x12\x1f.rnnserve.v1.ImportStateRequest\x1a\x18.rnnserve.v1.SessionInfo\x12M\n\nListModels\x12\x1e.rnnserve.v1.ListModelsRequest\x1a\x1f.rnnserve.v1.ListModelsResponse\x12W\n\x11GetModelSignature\x12%.rnnserve.v1.GetModelSignatureRequest\x1a\x1b.rnnserve.v1.ModelSignatureb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brnnserve/v1/recurrent.proto\x12\x0brnnserve.v1\"B\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xab\x02\n\x0eModelSignature\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\'\n\x06inputs\x18\x03 \x03(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12*\n\tconstants\x18\x04 \x03(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12\'\n\x06states\x18\x05 \x03(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12(\n\x07outputs\x18\x06 \x03(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12\x1c\n\x14idle_timeout_seconds\x18\x08 \x01(\x01\x12\x1b\n\x13max_sequence_length\x18\t \x01(\r\"\xb2\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x14\n\x0c\x63reated_unix\x18\x05 \x01(\x01\x12\x14\n\x0cupdated_unix\x18\x06 \x01(\x01\x12\x1f\n\x12\x65xpires_in_seconds\x18\x07 \x01(\x01H\x00\x88\x01\x01\x42\x15\n\x13_expires_in_seconds\"/\n\nSessionRef\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x9e\x01\n\x13StartSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12&\n\tconstants\x18\x04 \x03(\x0b\x32\x13.rnnserve.v1.Tensor\x12+\n\x0einitial_states\x18\x05 \x03(\x0b\x32\x13.rnnserve.v1.Tensor\"A\n\x14StartSessionResponse\x12)\n\x07session\x18\x01 \x01(\x0b\x32\x18.rnnserve.v1.SessionInfo\"\x94\x01\n\x0bStepRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12#\n\x06inputs\x18\x03 \x03(\x0b\x32\x13.rnnserve.v1.Tensor\x12\x10\n\x03seq\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\tB\x06\n\x04_seq\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x9e\x01\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12$\n\x07outputs\x18\x03 \x03(\x0b\x32\x13.rnnserve.v1.Tensor\x12\x10\n\x08replayed\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12!\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x12.rnnserve.v1.Error\"\x9b\x01\n\x12RunSequenceRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12#\n\x06inputs\x18\x03 \x03(\x0b\x32\x13.rnnserve.v1.Tensor\x12\x10\n\x03seq\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\tB\x06\n\x04_seq\"\\\n\x13RunSequenceResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12$\n\x07outputs\x18\x03 \x03(\x0b\x32\x13.rnnserve.v1.Tensor\"%\n\x12\x45ndSessionResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"\x94\x01\n\x13ResetSessionRequest\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x17.rnnserve.v1.SessionRef\x12&\n\tconstants\x18\x02 \x03(\x0b\x32\x13.rnnserve.v1.Tensor\x12+\n\x0einitial_states\x18\x03 \x03(\x0b\x32\x13.rnnserve.v1.Tensor\"\x9d\x01\n\x13\x45xportStateResponse\x12)\n\x07session\x18\x01 \x01(\x0b\x32\x18.rnnserve.v1.SessionInfo\x12\x0e\n\x06record\x18\x02 \x01(\x0c\x12#\n\x06states\x18\x03 \x03(\x0b\x32\x13.rnnserve.v1.Tensor\x12&\n\tconstants\x18\x04 \x03(\x0b\x32\x13.rnnserve.v1.Tensor\"N\n\x12ImportStateRequest\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x17.rnnserve.v1.SessionRef\x12\x0e\n\x06record\x18\x02 \x01(\x0c\"\x13\n\x11ListModelsRequest\"D\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x03 \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.rnnserve.v1.ModelInfo\":\n\x18GetModelSignatureRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t2\x9a\x07\n\tRecurrent\x12S\n\x0cStartSession\x12 .rnnserve.v1.StartSessionRequest\x1a!.rnnserve.v1.StartSessionResponse\x12;\n\x04Step\x12\x18.rnnserve.v1.StepRequest\x1a\x19.rnnserve.v1.StepResponse\x12\x45\n\nStepStream\x12\x18.rnnserve.v1.StepRequest\x1a\x19.rnnserve.v1.StepResponse(\x01\x30\x01\x12P\n\x0bRunSequence\x12\x1f.rnnserve.v1.RunSequenceRequest\x1a .rnnserve.v1.RunSequenceResponse\x12Q\n\x11RunSequenceStream\x12\x1f.rnnserve.v1.RunSequenceRequest\x1a\x19.rnnserve.v1.StepResponse0\x01\x12\x46\n\nEndSession\x12\x17.rnnserve.v1.SessionRef\x1a\x1f.rnnserve.v1.EndSessionResponse\x12J\n\x0cResetSession\x12 .rnnserve.v1.ResetSessionRequest\x1a\x18.rnnserve.v1.SessionInfo\x12?\n\nGetSession\x12\x17.rnnserve.v1.SessionRef\x1a\x18.rnnserve.v1.SessionInfo\x12H\n\x0b\x45xportState\x12\x17.rnnserve.v1.SessionRef\x1a .rnnserve.v1.ExportStateResponse\x12H\n\x0bImportState\x12\x1f.rnnserve.v1.ImportStateRequest\x1a\x18.rnnserve.v1.SessionInfo\x12M\n\nListModels\x12\x1e.rnnserve.v1.ListModelsRequest\x1a\x1f.rnnserve.v1.ListModelsResponse\x12W\n\x11GetModelSignature\x12%.rnnserve.v1.GetModelSignatureRequest\x1a\x1b.rnnserve.v1.ModelSignatureb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,31 +47,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STARTSESSIONRESPONSE']._serialized_start=863
   _globals['_STARTSESSIONRESPONSE']._serialized_end=928
   _globals['_STEPREQUEST']._serialized_start=931
-  _globals['_STEPREQUEST']._serialized_end=1062
-  _globals['_ERROR']._serialized_start=1064
-  _globals['_ERROR']._serialized_end=1102
-  _globals['_STEPRESPONSE']._serialized_start=1105
-  _globals['_STEPRESPONSE']._serialized_end=1263
-  _globals['_RUNSEQUENCEREQUEST']._serialized_start=1266
-  _globals['_RUNSEQUENCEREQUEST']._serialized_end=1404
-  _globals['_RUNSEQUENCERESPONSE']._serialized_start=1406
-  _globals['_RUNSEQUENCERESPONSE']._serialized_end=1498
-  _globals['_ENDSESSIONRESPONSE']._serialized_start=1500
-  _globals['_ENDSESSIONRESPONSE']._serialized_end=1537
-  _globals['_RESETSESSIONREQUEST']._serialized_start=1540
-  _globals['_RESETSESSIONREQUEST']._serialized_end=1688
-  _globals['_EXPORTSTATERESPONSE']._serialized_start=1691
-  _globals['_EXPORTSTATERESPONSE']._serialized_end=1848
-  _globals['_IMPORTSTATEREQUEST']._serialized_start=1850
-  _globals['_IMPORTSTATEREQUEST']._serialized_end=1928
-  _globals['_LISTMODELSREQUEST']._serialized_start=1930
-  _globals['_LISTMODELSREQUEST']._serialized_end=1949
-  _globals['_MODELINFO']._serialized_start=1951
-  _globals['_MODELINFO']._serialized_end=2019
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2021
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2081
-  _globals['_GETMODELSIGNATUREREQUEST']._serialized_start=2083
-  _globals['_GETMODELSIGNATUREREQUEST']._serialized_end=2141
-  _globals['_RECURRENT']._serialized_start=2144
-  _globals['_RECURRENT']._serialized_end=3066
+  _globals['_STEPREQUEST']._serialized_end=1079
+  _globals['_ERROR']._serialized_start=1081
+  _globals['_ERROR']._serialized_end=1119
+  _globals['_STEPRESPONSE']._serialized_start=1122
+  _globals['_STEPRESPONSE']._serialized_end=1280
+  _globals['_RUNSEQUENCEREQUEST']._serialized_start=1283
+  _globals['_RUNSEQUENCEREQUEST']._serialized_end=1438
+  _globals['_RUNSEQUENCERESPONSE']._serialized_start=1440
+  _globals['_RUNSEQUENCERESPONSE']._serialized_end=1532
+  _globals['_ENDSESSIONRESPONSE']._serialized_start=1534
+  _globals['_ENDSESSIONRESPONSE']._serialized_end=1571
+  _globals['_RESETSESSIONREQUEST']._serialized_start=1574
+  _globals['_RESETSESSIONREQUEST']._serialized_end=1722
+  _globals['_EXPORTSTATERESPONSE']._serialized_start=1725
+  _globals['_EXPORTSTATERESPONSE']._serialized_end=1882
+  _globals['_IMPORTSTATEREQUEST']._serialized_start=1884
+  _globals['_IMPORTSTATEREQUEST']._serialized_end=1962
+  _globals['_LISTMODELSREQUEST']._serialized_start=1964
+  _globals['_LISTMODELSREQUEST']._serialized_end=1983
+  _globals['_MODELINFO']._serialized_start=1985
+  _globals['_MODELINFO']._serialized_end=2053
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2055
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2115
+  _globals['_GETMODELSIGNATUREREQUEST']._serialized_start=2117
+  _globals['_GETMODELSIGNATUREREQUEST']._serialized_end=2175
+  _globals['_RECURRENT']._serialized_start=2178
+  _globals['_RECURRENT']._serialized_end=3100
 # @@protoc_insertion_point(module_scope)

@@ -98,18 +98,20 @@ class StartSessionResponse(_message.Message):
     def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("model", "session_id", "inputs", "seq", "request_id")
+    __slots__ = ("model", "session_id", "inputs", "seq", "request_id", "version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     session_id: str
     inputs: _containers.RepeatedCompositeFieldContainer[Tensor]
     seq: int
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., session_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., seq: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    version: str
+    def __init__(self, model: _Optional[str] = ..., session_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., seq: _Optional[int] = ..., request_id: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")
@@ -136,18 +138,20 @@ class StepResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., replayed: _Optional[bool] = ..., request_id: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class RunSequenceRequest(_message.Message):
-    __slots__ = ("model", "session_id", "inputs", "seq", "request_id")
+    __slots__ = ("model", "session_id", "inputs", "seq", "request_id", "version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     session_id: str
     inputs: _containers.RepeatedCompositeFieldContainer[Tensor]
     seq: int
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., session_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., seq: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    version: str
+    def __init__(self, model: _Optional[str] = ..., session_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., seq: _Optional[int] = ..., request_id: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class RunSequenceResponse(_message.Message):
     __slots__ = ("session_id", "seq", "outputs")

@@ -1,0 +1,203 @@
+"""The gRPC server: engine + state store + model repository + servicers, with a lifecycle.
+
+    server = RnnserveServer(settings)
+    port = await server.start()      # loads and warms the models, then SERVING
+    await server.wait()              # until stop() (SIGTERM/SIGINT in `serve`)
+    await server.stop()              # NOT_SERVING, finish in-flight calls and batches
+
+Health (`grpc.health.v1`) reports NOT_SERVING until every model of the repository
+is loaded and warmed, and again from the moment a drain starts, so Kubernetes
+stops routing before the server stops accepting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import FileDescriptor
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from rnnserve.service._generated.inference import grpc_service_pb2 as kserve_pb2
+from rnnserve.service._generated.inference import grpc_service_pb2_grpc as kserve_grpc
+from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
+from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
+from rnnserve.service.engine import SessionEngine
+from rnnserve.service.repository import ModelRepository
+from rnnserve.service.servicers.kserve import InferenceServicer
+from rnnserve.service.servicers.native import RecurrentServicer
+from rnnserve.service.settings import Settings
+from rnnserve.service.status import StatusInterceptor, TokenAuth
+from rnnserve.service.store import MemoryStore, RedisStore, StateStore
+
+logger = logging.getLogger(__name__)
+
+NATIVE_SERVICE = pb.DESCRIPTOR.services_by_name["Recurrent"].full_name
+KSERVE_SERVICE = kserve_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+REFLECTION_SERVICE = reflection.SERVICE_NAME
+SERVICES = (NATIVE_SERVICE, KSERVE_SERVICE, HEALTH_SERVICE, REFLECTION_SERVICE)
+SERVER_NAME = "rnnserve"
+
+
+def make_store(settings: Settings) -> StateStore:
+    if settings.redis_url:
+        return RedisStore.from_url(settings.redis_url)
+    return MemoryStore()
+
+
+def _reflection_pool(files: Sequence[FileDescriptor]) -> descriptor_pool.DescriptorPool:
+    """One pool holding every served file (the KServe files live in a private pool)."""
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(fd: FileDescriptor) -> None:
+        if fd.name in added:
+            return
+        for dependency in fd.dependencies:
+            add(dependency)
+        proto = descriptor_pb2.FileDescriptorProto()
+        fd.CopyToProto(proto)
+        pool.Add(proto)
+        added.add(fd.name)
+
+    for fd in files:
+        add(fd)
+    return pool
+
+
+def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    key = settings.tls_key_file.read_bytes()
+    cert = settings.tls_cert_file.read_bytes()
+    client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+class RnnserveServer:
+    """One server process: see the module docstring for the lifecycle."""
+
+    def __init__(self, settings: Settings, *, store: StateStore | None = None) -> None:
+        self.settings = settings
+        self.store = store if store is not None else make_store(settings)
+        self.engine = SessionEngine(self.store, namespace=settings.namespace)
+        self.repository = ModelRepository(settings.model_repository, self.engine, settings)
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self._server: aio.Server | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+        self._stopping: asyncio.Task[None] | None = None
+        self._ready = False
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for name in ("", NATIVE_SERVICE, KSERVE_SERVICE):
+            await self.health.set(name, status)
+
+    async def start(self) -> int:
+        """Bind, load and warm the models, then report SERVING. Returns the bound port."""
+        settings = self.settings
+        auth = TokenAuth.from_settings(settings.auth_tokens_file, settings.auth_tokens)
+        limit = settings.max_message_bytes
+        server = aio.server(
+            interceptors=[StatusInterceptor(auth, settings.namespace)],
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_RecurrentServicer_to_server(  # type: ignore[no-untyped-call]
+            RecurrentServicer(self.engine, self.repository.catalog), server
+        )
+        kserve_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            InferenceServicer(self.engine, self.repository.catalog, ready=self.is_ready), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            SERVICES,
+            server,
+            pool=_reflection_pool(
+                [
+                    pb.DESCRIPTOR,
+                    kserve_pb2.DESCRIPTOR,
+                    health_pb2.DESCRIPTOR,
+                    reflection_pb2.DESCRIPTOR,
+                ]
+            ),
+        )
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{settings.host}:{settings.port}"
+        credentials = _server_credentials(settings)
+        port = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
+        await server.start()
+        self._server = server
+        self.port = int(port)
+        logger.info(
+            "listening on %s:%d (%s)", settings.host, port, "TLS" if credentials else "plaintext"
+        )
+        for line in await self.repository.sync():
+            logger.info("repository: %s", line)
+        if settings.repository_poll_s > 0:
+            self._poller = asyncio.ensure_future(self.repository.poll(settings.repository_poll_s))
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._ready = True
+        logger.info("serving %d model(s)", len(self.repository.catalog.models))
+        return self.port
+
+    def is_ready(self) -> bool:
+        return self._ready and not self._stopped.is_set() and self._stopping is None
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+    def request_stop(self) -> None:
+        """Start a graceful stop (signal handlers call this); idempotent."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self.stop())
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING, stop accepting, finish in-flight calls and batches, close the store."""
+        if self._stopped.is_set():
+            return
+        grace = self.settings.grace_period_s if grace_s is None else grace_s
+        self._ready = False
+        logger.info("draining (grace %.1fs)", grace)
+        await self.health.enter_graceful_shutdown()
+        if self._poller is not None:
+            self._poller.cancel()
+        if self._server is not None:
+            await self._server.stop(grace)
+        await self.engine.aclose()
+        self._stopped.set()
+        logger.info("stopped")
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT, then drain."""
+    server = RnnserveServer(settings)
+    server.install_signal_handlers()
+    try:
+        await server.start()
+        print(f"rnnserve listening on port {server.port}", flush=True)
+        await server.wait()
+    finally:
+        await server.stop()

@@ -1,0 +1,291 @@
+"""`rnnserve.v1.Recurrent`: decode the request, call the engine, encode the reply.
+
+No model or state logic lives here: names, shapes, dtypes, seq and sessions are
+the engine's business; errors become status codes in `status.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+from grpc import aio
+
+from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
+from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
+from rnnserve.service.engine import SessionEngine, SessionInfo, StepResult
+from rnnserve.service.errors import InvalidArgument, RnnserveError
+from rnnserve.service.record import SessionRecord
+from rnnserve.service.repository import ModelCatalog
+from rnnserve.service.status import describe, namespace_var
+from rnnserve.service.wire import decode_named, encode_named, encode_tensor, spec_message
+
+# Steps of one StepStream being processed at once (back-pressure on the client).
+STREAM_WINDOW = 256
+
+
+def _session_info(info: SessionInfo) -> pb.SessionInfo:
+    message = pb.SessionInfo(
+        session_id=info.session_id,
+        model=info.model,
+        version=info.version,
+        seq=info.seq,
+        created_unix=info.created_at,
+        updated_unix=info.updated_at,
+    )
+    if info.expires_in_s is not None:
+        message.expires_in_seconds = info.expires_in_s
+    return message
+
+
+def _optional_seq(request: Any) -> int | None:
+    return request.seq if request.HasField("seq") else None
+
+
+class RecurrentServicer(pb_grpc.RecurrentServicer):  # type: ignore[misc]
+    def __init__(self, engine: SessionEngine, catalog: ModelCatalog) -> None:
+        self.engine = engine
+        self.catalog = catalog
+
+    def _outputs(self, model: str, version: str, result: StepResult) -> list[pb.Tensor]:
+        specs = self.engine.runner(model, version or None).signature.outputs
+        return encode_named(specs, result.outputs)
+
+    async def _step(self, request: pb.StepRequest) -> pb.StepResponse:
+        if not request.session_id:
+            raise InvalidArgument("session_id is required")
+        result = await self.engine.step(
+            request.model,
+            request.session_id,
+            decode_named(request.inputs, role="input"),
+            seq=_optional_seq(request),
+            request_id=request.request_id or None,
+            version=request.version or None,
+            namespace=namespace_var.get(),
+        )
+        return pb.StepResponse(
+            session_id=request.session_id,
+            seq=result.seq,
+            outputs=self._outputs(request.model, request.version, result),
+            replayed=result.replayed,
+            request_id=request.request_id,
+        )
+
+    # -- sessions ------------------------------------------------------------------
+    async def StartSession(
+        self, request: pb.StartSessionRequest, context: aio.ServicerContext
+    ) -> pb.StartSessionResponse:
+        session_id = request.session_id or secrets.token_urlsafe(16)
+        info = await self.engine.start(
+            request.model,
+            session_id,
+            version=request.version or None,
+            constants=decode_named(request.constants, role="constant"),
+            initial_states=(
+                decode_named(request.initial_states, role="state")
+                if request.initial_states
+                else None
+            ),
+            namespace=namespace_var.get(),
+        )
+        return pb.StartSessionResponse(session=_session_info(info))
+
+    async def Step(self, request: pb.StepRequest, context: aio.ServicerContext) -> pb.StepResponse:
+        return await self._step(request)
+
+    async def StepStream(
+        self, requests: AsyncIterator[pb.StepRequest], context: aio.ServicerContext
+    ) -> AsyncIterator[pb.StepResponse]:
+        replies: asyncio.Queue[pb.StepResponse | None] = asyncio.Queue()
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        namespace = namespace_var.get()
+
+        async def answer(request: pb.StepRequest) -> None:
+            namespace_var.set(namespace)
+            try:
+                reply = await self._step(request)
+            except Exception as exc:  # one bad step must not end the stream
+                code, message = describe(exc)
+                reply = pb.StepResponse(
+                    session_id=request.session_id,
+                    request_id=request.request_id,
+                    error=pb.Error(code=code.value[0], message=message),
+                )
+            finally:
+                window.release()
+            await replies.put(reply)
+
+        async def read() -> None:
+            tasks: set[asyncio.Task[None]] = set()
+            try:
+                async for request in requests:
+                    await window.acquire()
+                    # Tasks start in arrival order and reach the batcher before their
+                    # first await, so steps of one session keep their order.
+                    task = asyncio.ensure_future(answer(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*tasks)
+            finally:
+                await replies.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+            await reader
+        finally:
+            reader.cancel()
+
+    async def RunSequence(
+        self, request: pb.RunSequenceRequest, context: aio.ServicerContext
+    ) -> pb.RunSequenceResponse:
+        if not request.session_id:
+            raise InvalidArgument("session_id is required")
+        result = await self.engine.run_sequence(
+            request.model,
+            request.session_id,
+            decode_named(request.inputs, role="input"),
+            seq=_optional_seq(request),
+            request_id=request.request_id or None,
+            version=request.version or None,
+            namespace=namespace_var.get(),
+        )
+        specs = self.engine.runner(request.model, request.version or None).signature.outputs
+        return pb.RunSequenceResponse(
+            session_id=request.session_id,
+            seq=result.seq,
+            outputs=encode_named(specs, result.outputs),
+        )
+
+    async def RunSequenceStream(
+        self, request: pb.RunSequenceRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.StepResponse]:
+        if not request.session_id:
+            raise InvalidArgument("session_id is required")
+        arrays = decode_named(request.inputs, role="input")
+        async for t, result in self.engine.iter_sequence(
+            request.model,
+            request.session_id,
+            arrays,
+            seq=_optional_seq(request),
+            request_id=request.request_id or None,
+            version=request.version or None,
+            namespace=namespace_var.get(),
+        ):
+            yield pb.StepResponse(
+                session_id=request.session_id,
+                seq=result.seq,
+                outputs=self._outputs(request.model, request.version, result),
+                replayed=result.replayed,
+                request_id=f"{request.request_id}#{t}" if request.request_id else "",
+            )
+
+    async def EndSession(
+        self, request: pb.SessionRef, context: aio.ServicerContext
+    ) -> pb.EndSessionResponse:
+        existed = await self.engine.end(
+            request.model, request.session_id, namespace=namespace_var.get()
+        )
+        return pb.EndSessionResponse(existed=existed)
+
+    async def ResetSession(
+        self, request: pb.ResetSessionRequest, context: aio.ServicerContext
+    ) -> pb.SessionInfo:
+        info = await self.engine.reset(
+            request.session.model,
+            request.session.session_id,
+            constants=decode_named(request.constants, role="constant")
+            if request.constants
+            else None,
+            initial_states=(
+                decode_named(request.initial_states, role="state")
+                if request.initial_states
+                else None
+            ),
+            namespace=namespace_var.get(),
+        )
+        return _session_info(info)
+
+    async def GetSession(
+        self, request: pb.SessionRef, context: aio.ServicerContext
+    ) -> pb.SessionInfo:
+        info = await self.engine.get(
+            request.model, request.session_id, namespace=namespace_var.get()
+        )
+        return _session_info(info)
+
+    async def ExportState(
+        self, request: pb.SessionRef, context: aio.ServicerContext
+    ) -> pb.ExportStateResponse:
+        record = await self.engine.export_state(
+            request.model, request.session_id, namespace=namespace_var.get()
+        )
+        signature = self.catalog.get(record.model, record.version).signature
+        info = await self.engine.get(
+            request.model, request.session_id, namespace=namespace_var.get()
+        )
+        return pb.ExportStateResponse(
+            session=_session_info(info),
+            record=record.encode(),
+            states=[
+                encode_tensor(spec.name, value)
+                for spec, value in zip(signature.states, record.states, strict=True)
+            ],
+            constants=[
+                encode_tensor(spec.name, value)
+                for spec, value in zip(signature.constants, record.constants, strict=True)
+            ],
+        )
+
+    async def ImportState(
+        self, request: pb.ImportStateRequest, context: aio.ServicerContext
+    ) -> pb.SessionInfo:
+        try:
+            record = SessionRecord.decode(request.record)
+        except RnnserveError:
+            raise
+        except Exception as exc:
+            raise InvalidArgument(f"record is not an rnnserve session record: {exc}") from exc
+        info = await self.engine.import_state(
+            request.session.model,
+            request.session.session_id,
+            record,
+            namespace=namespace_var.get(),
+        )
+        return _session_info(info)
+
+    # -- models --------------------------------------------------------------------
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelInfo(
+                    name=name,
+                    versions=self.catalog.versions(name),
+                    default_version=self.catalog.default_version(name),
+                )
+                for name in sorted(self.catalog.models)
+            ]
+        )
+
+    async def GetModelSignature(
+        self, request: pb.GetModelSignatureRequest, context: aio.ServicerContext
+    ) -> pb.ModelSignature:
+        loaded = self.catalog.get(request.model, request.version or None)
+        sig = loaded.signature
+        return pb.ModelSignature(
+            model=loaded.name,
+            version=loaded.version,
+            inputs=[spec_message(s) for s in sig.inputs],
+            constants=[spec_message(s) for s in sig.constants],
+            states=[spec_message(s) for s in sig.states],
+            outputs=[spec_message(s) for s in sig.outputs],
+            max_batch_size=loaded.config.max_batch_size,
+            idle_timeout_seconds=loaded.config.idle_timeout_s,
+            max_sequence_length=loaded.config.max_sequence_length,
+        )

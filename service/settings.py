@@ -1,0 +1,86 @@
+"""`Settings`: every knob of the server, typed, from `RNNSERVE_*` env vars and CLI flags.
+
+Built once in `main` (the CLI) and passed down; nothing reads the environment at
+import time. The README's configuration table lists these fields.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Server settings. Env: `RNNSERVE_<FIELD>` (e.g. `RNNSERVE_PORT=8001`)."""
+
+    model_config = SettingsConfigDict(env_prefix="RNNSERVE_", extra="ignore", frozen=True)
+
+    # -- network ---------------------------------------------------------------------
+    host: str = Field("0.0.0.0", description="address the gRPC server binds")
+    port: int = Field(8001, ge=0, le=65535, description="gRPC port (0: pick a free one)")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Prometheus /metrics HTTP port (unset: no endpoint)"
+    )
+    max_message_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="largest gRPC message received or sent"
+    )
+    grace_period_s: float = Field(
+        20.0, ge=0, description="on SIGTERM: seconds to finish in-flight requests"
+    )
+
+    # -- models ----------------------------------------------------------------------
+    model_repository: Path = Field(
+        Path("models"), description="folder of <name>/<version>/model.keras"
+    )
+    repository_poll_s: float = Field(
+        0.0, ge=0, description="re-scan the repository every N seconds (0: only at start)"
+    )
+    max_batch_size: int = Field(256, ge=1, description="default largest batch per model call")
+    max_queue_delay_ms: float = Field(
+        2.0, ge=0, description="default wait for more steps before running a batch"
+    )
+    max_queue_size: int = Field(8192, ge=1, description="default queued steps per model version")
+    max_sequence_length: int = Field(
+        10_000, ge=1, description="default most steps in one RunSequence call"
+    )
+    idle_timeout_s: float = Field(
+        3600.0, gt=0, description="default seconds before an idle session expires"
+    )
+    state_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="default dtype of stored float states"
+    )
+    warmup: bool = Field(True, description="compile every batch bucket before serving")
+
+    # -- state store -----------------------------------------------------------------
+    redis_url: str | None = Field(
+        None, description="redis://host:port/db; unset: the embedded memory store"
+    )
+    namespace: str = Field("default", description="key namespace when auth is off")
+
+    # -- security --------------------------------------------------------------------
+    auth_tokens_file: Path | None = Field(
+        None, description="file of `token namespace` lines; enables bearer-token auth"
+    )
+    auth_tokens: str | None = Field(
+        None, description="`token=namespace,...` (alternative to the file); enables auth"
+    )
+    tls_cert_file: Path | None = Field(None, description="server certificate (PEM); enables TLS")
+    tls_key_file: Path | None = Field(None, description="server private key (PEM)")
+    tls_client_ca_file: Path | None = Field(
+        None, description="CA of client certificates (PEM); enables mTLS"
+    )
+
+    # -- logging ---------------------------------------------------------------------
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_json: bool = Field(False, description="one JSON object per log line")
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("mTLS (tls_client_ca_file) needs tls_cert_file and tls_key_file")
+        return self

@@ -1,0 +1,196 @@
+"""The one place where domain errors become gRPC status codes.
+
+`StatusInterceptor` wraps every handler: an `RnnserveError` aborts the call with
+its code and message (notes included), anything else is logged with its
+traceback and answered INTERNAL with a generic message. It also authenticates
+the caller (`TokenAuth`) and sets the per-call context (`namespace`,
+`request_id`) that servicers and logs read.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from rnnserve.service.errors import InvalidArgument, RnnserveError, Unauthenticated
+
+logger = logging.getLogger(__name__)
+
+STATUS_CODES: Mapping[str, grpc.StatusCode] = {code.name: code for code in grpc.StatusCode}
+
+namespace_var: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "rnnserve_namespace", default="default"
+)
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "rnnserve_request_id", default="-"
+)
+
+# Probes must work without a token.
+UNAUTHENTICATED_SERVICES = ("/grpc.health.v1.Health/",)
+
+
+def status_code(exc: RnnserveError) -> grpc.StatusCode:
+    return STATUS_CODES.get(exc.code, grpc.StatusCode.UNKNOWN)
+
+
+def error_message(exc: BaseException) -> str:
+    """The message with any notes (`add_note`) appended, as one line each."""
+    notes = getattr(exc, "__notes__", None) or []
+    return "; ".join([str(exc), *notes])
+
+
+def describe(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """(code, message) a client sees for `exc`; unknown errors are INTERNAL, logged."""
+    if isinstance(exc, RnnserveError):
+        return status_code(exc), error_message(exc)
+    logger.error("unexpected error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, "internal error (logged on the server)"
+
+
+class TokenAuth:
+    """Bearer tokens, each mapped to the namespace its sessions live in."""
+
+    def __init__(self, tokens: Mapping[str, str]) -> None:
+        if not tokens:
+            raise InvalidArgument("auth is enabled but no token is configured")
+        self._tokens = dict(tokens)
+
+    @classmethod
+    def from_settings(cls, tokens_file: Path | None, tokens: str | None) -> TokenAuth | None:
+        """`token namespace` lines in a file and/or `token=namespace,...`; None: no auth."""
+        pairs: dict[str, str] = {}
+        if tokens_file is not None:
+            for number, line in enumerate(tokens_file.read_text().splitlines(), start=1):
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                parts = line.split()
+                if len(parts) != 2:
+                    raise InvalidArgument(f"{tokens_file}:{number}: expected `token namespace`")
+                pairs[parts[0]] = parts[1]
+        for item in (tokens or "").split(","):
+            if item.strip():
+                token, sep, namespace = item.strip().partition("=")
+                if not sep or not token or not namespace:
+                    raise InvalidArgument("auth tokens: expected `token=namespace,...`")
+                pairs[token] = namespace
+        return cls(pairs) if pairs else None
+
+    def namespace_for(self, metadata: Any) -> str:
+        header = ""
+        for key, value in metadata or ():
+            if key == "authorization":
+                header = value if isinstance(value, str) else value.decode()
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthenticated("missing `authorization: Bearer <token>` metadata")
+        namespace = self._tokens.get(token.strip())
+        if namespace is None:
+            raise Unauthenticated("unknown token")
+        return namespace
+
+
+def _request_id(metadata: Any) -> str:
+    for key, value in metadata or ():
+        if key == "x-request-id":
+            text = value if isinstance(value, str) else value.decode()
+            return text[:128]
+    return uuid.uuid4().hex[:16]
+
+
+class StatusInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
+    """Authenticates, sets the call context, and maps errors to status codes."""
+
+    def __init__(self, auth: TokenAuth | None, default_namespace: str) -> None:
+        self._auth = auth
+        self._default_namespace = default_namespace
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        metadata = details.invocation_metadata
+        namespace: str | None = self._default_namespace
+        failure: RnnserveError | None = None
+        if self._auth is not None and not details.method.startswith(UNAUTHENTICATED_SERVICES):
+            try:
+                namespace = self._auth.namespace_for(metadata)
+            except RnnserveError as exc:
+                failure, namespace = exc, None
+        return _wrap(handler, namespace or "", _request_id(metadata), failure)
+
+
+def _wrap(
+    handler: grpc.RpcMethodHandler,
+    namespace: str,
+    request_id: str,
+    failure: RnnserveError | None,
+) -> grpc.RpcMethodHandler:
+    def enter() -> None:
+        namespace_var.set(namespace)
+        request_id_var.set(request_id)
+
+    async def abort(context: aio.ServicerContext, exc: BaseException) -> None:
+        code, message = describe(exc)
+        await context.abort(code, message)
+
+    if handler.unary_unary or handler.stream_unary:
+        behavior = handler.unary_unary or handler.stream_unary
+
+        async def unary_response(request: Any, context: aio.ServicerContext) -> Any:
+            enter()
+            if failure is not None:
+                await abort(context, failure)
+            try:
+                return await behavior(request, context)
+            except Exception as exc:
+                if isinstance(exc, aio.AbortError):
+                    raise
+                await abort(context, exc)
+
+        factory = (
+            grpc.unary_unary_rpc_method_handler
+            if handler.unary_unary
+            else grpc.stream_unary_rpc_method_handler
+        )
+        return factory(
+            unary_response,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    behavior = handler.unary_stream or handler.stream_stream
+
+    async def stream_response(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        enter()
+        if failure is not None:
+            await abort(context, failure)
+        try:
+            async for item in behavior(request, context):
+                yield item
+        except Exception as exc:
+            if isinstance(exc, aio.AbortError):
+                raise
+            await abort(context, exc)
+
+    factory = (
+        grpc.unary_stream_rpc_method_handler
+        if handler.unary_stream
+        else grpc.stream_stream_rpc_method_handler
+    )
+    return factory(
+        stream_response,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
