@@ -180,7 +180,8 @@ def _check_tensors(
         shape = (*leading, *spec.shape)
         if array.shape != shape:
             raise InvalidArgument(f"{role} {spec.name!r}: shape {array.shape}, expected {shape}")
-        checked.append(np.ascontiguousarray(array, dtype=dtype))
+        # np.asarray keeps 0-d arrays 0-d (ascontiguousarray would make them 1-d).
+        checked.append(np.asarray(array, dtype=dtype, order="C"))
     return checked
 
 

@@ -74,3 +74,16 @@ def offline_run(
         (out, *_), states = step([x[None]], consts, states)
         outputs.append(out[0])
     return np.stack(outputs), [s[0] for s in states]
+
+
+def token_model(seed: int = 13, vocabulary: int = 20) -> keras.Model:
+    """Integer tokens in (a per-step input of shape ()), Embedding + LSTM + Dense logits."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((None,), dtype="int32"),
+            keras.layers.Embedding(vocabulary, 8),
+            keras.layers.LSTM(UNITS, return_sequences=True),
+            keras.layers.Dense(vocabulary),
+        ]
+    )

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from _models import CONSTANTS, FEATURES, offline_run
+from _models import CONSTANTS, FEATURES, offline_run, step_function, token_model
 
 from rnnserve.core import StepFunction
 from rnnserve.service.engine import RunnerConfig, SessionEngine
@@ -19,6 +19,7 @@ from rnnserve.service.errors import (
     QueueFull,
     SeqConflict,
     SessionNotFound,
+    StoreUnavailable,
 )
 from rnnserve.service.store import StateStore
 
@@ -272,6 +273,24 @@ async def test_start_with_states_and_constants(
         np.testing.assert_array_equal(exported.constants[0], cs[0])
 
 
+async def test_scalar_token_inputs(make_store: Callable[[], StateStore], namespace: str) -> None:
+    """A per-step input of shape () (token ids): 0-d arrays and plain ints both work."""
+    model = token_model()
+    step = step_function(model, max_batch_size=4)
+    tokens = np.array([3, 1, 4, 1, 5, 9, 2, 6], dtype="int32")
+    want = np.asarray(model(tokens[None]))[0]
+    async with SessionEngine(make_store(), namespace=namespace) as engine:
+        engine.load_model("chars", "1", step)
+        await engine.start("chars", "a")
+        first = await engine.step("chars", "a", [np.int32(tokens[0])])
+        second = await engine.step("chars", "a", [int(tokens[1])])
+        rest = await engine.run_sequence("chars", "a", [tokens[2:]])
+        got = np.concatenate([[first.outputs[0], second.outputs[0]], rest.outputs[0]])
+        np.testing.assert_allclose(got, want, atol=ATOL)
+        with pytest.raises(InvalidArgument, match="dtype"):
+            await engine.step("chars", "a", [np.float32(1.5)])
+
+
 async def test_export_import_continues_identically(
     make_store: Callable[[], StateStore], namespace: str, lstm
 ) -> None:
@@ -353,3 +372,42 @@ async def test_bad_requests_fail_alone(
         assert all(not isinstance(o, Exception) or isinstance(o, QueueFull) for o in outcomes)
         ok = [o for o in outcomes if not isinstance(o, BaseException)]
         assert (await engine.get("lstm", "a")).seq == len(ok)
+
+
+class LostReply:
+    """A real store whose next commit is applied but answered with StoreUnavailable
+    (the reply lost on the wire): the ambiguous failure exactly-once must survive."""
+
+    def __init__(self, store: StateStore) -> None:
+        self._store = store
+        self.lose_next = False
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    async def commit_many(self, commits):  # type: ignore[no-untyped-def]
+        applied = await self._store.commit_many(commits)
+        if self.lose_next:
+            self.lose_next = False
+            raise StoreUnavailable("redis commit script failed: reply lost (injected)")
+        return applied
+
+
+async def test_retry_after_a_lost_commit_reply_is_answered_once(
+    make_store: Callable[[], StateStore], namespace: str, lstm
+) -> None:
+    _, step = lstm
+    xs = np.random.default_rng(10).standard_normal((2, FEATURES)).astype("float32")
+    want, _ = offline_run(step, xs)
+    store = LostReply(make_store())
+    async with engine_for(store, namespace, step) as engine:  # type: ignore[arg-type]
+        await engine.start("lstm", "a")
+        store.lose_next = True
+        with pytest.raises(StoreUnavailable):
+            await engine.step("lstm", "a", [xs[0]], seq=0, request_id="a0")
+        assert (await engine.get("lstm", "a")).seq == 1  # it did apply
+        again = await engine.step("lstm", "a", [xs[0]], seq=0, request_id="a0")
+        assert (again.seq, again.replayed) == (1, True)
+        np.testing.assert_allclose(again.outputs[0], want[0], atol=ATOL)
+        nxt = await engine.step("lstm", "a", [xs[1]], seq=1, request_id="a1")
+        np.testing.assert_allclose(nxt.outputs[0], want[1], atol=ATOL)
