@@ -271,6 +271,9 @@ def _functional_view(model: Any) -> Any:
 def from_keras(model: keras.Model, *, name: str | None = None) -> RecurrentModel:
     """Convert a Keras sequence model into a `RecurrentModel` with the same weights.
 
+    A model that is only a `RecurrentModel` applied to inputs (how one is saved
+    to a `.keras` file) gives that `RecurrentModel` back.
+
     Sequence outputs of the original stay sequence outputs (the result returns
     sequences); outputs of `return_sequences=False` layers become the per-step
     value whose last step is the original output. With both kinds, the result
@@ -280,6 +283,11 @@ def from_keras(model: keras.Model, *, name: str | None = None) -> RecurrentModel
     if isinstance(model, RecurrentModel):
         return model
     functional = _functional_view(model)
+    inner = [layer for layer in functional.layers if not isinstance(layer, keras.layers.InputLayer)]
+    if len(inner) == 1 and isinstance(inner[0], RecurrentModel):
+        # `keras.Model(inputs, rnn(inputs...))`: how a RecurrentModel is saved to a
+        # .keras file. Serve it as it is (constants and all).
+        return inner[0]
     step_inputs = []
     for tensor in functional.inputs:
         if len(tensor.shape) < 2:

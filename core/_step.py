@@ -52,7 +52,10 @@ def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def _compile(step_model: keras.Model, jit_compile: bool) -> CompiledStep:
+def _compiler(
+    step_model: keras.Model, specs: Sequence[TensorSpec], jit_compile: bool
+) -> Callable[[int], CompiledStep]:
+    """`bucket -> compiled step` for the current Keras backend."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
@@ -60,14 +63,20 @@ def _compile(step_model: keras.Model, jit_compile: bool) -> CompiledStep:
         def tf_step(*values: Any) -> list[Any]:
             return as_list(step_model(list(values), training=False))
 
-        compiled = tf.function(
-            tf_step, jit_compile=jit_compile, reduce_retracing=False, autograph=False
-        )
+        def compile_tf(bucket: int) -> CompiledStep:
+            # One function per bucket with a fixed signature: each compiles once,
+            # and TensorFlow does not warn about "retracing" across buckets.
+            signature = [tf.TensorSpec((bucket, *s.shape), s.dtype) for s in specs]
+            compiled = tf.function(
+                tf_step, input_signature=signature, jit_compile=jit_compile, autograph=False
+            )
 
-        def run_tf(values: list[np.ndarray]) -> list[np.ndarray]:
-            return [t.numpy() for t in compiled(*values)]
+            def run_tf(values: list[np.ndarray]) -> list[np.ndarray]:
+                return [t.numpy() for t in compiled(*values)]
 
-        return run_tf
+            return run_tf
+
+        return compile_tf
     if backend == "jax":
         import jax
 
@@ -75,7 +84,7 @@ def _compile(step_model: keras.Model, jit_compile: bool) -> CompiledStep:
             outputs, _ = step_model.stateless_call(trainable, non_trainable, values, training=False)
             return as_list(outputs)
 
-        jitted = jax.jit(pure) if jit_compile else pure
+        jitted = jax.jit(pure) if jit_compile else pure  # jit compiles once per shape
 
         def run_jax(values: list[np.ndarray]) -> list[np.ndarray]:
             trainable = [v.value for v in step_model.trainable_variables]
@@ -83,12 +92,12 @@ def _compile(step_model: keras.Model, jit_compile: bool) -> CompiledStep:
             results: list[Any] = jitted(trainable, non_trainable, values)
             return [np.asarray(o) for o in results]
 
-        return run_jax
+        return lambda bucket: run_jax
 
     def run_eager(values: list[np.ndarray]) -> list[np.ndarray]:
         return [keras.ops.convert_to_numpy(o) for o in as_list(step_model(values, training=False))]
 
-    return run_eager
+    return lambda bucket: run_eager
 
 
 class StepFunction:
@@ -120,14 +129,14 @@ class StepFunction:
             *self.signature.constants,
             *self.signature.states,
         )
-        self._compiled = _compile(model.step_model, jit_compile)
+        self._compile = _compiler(model.step_model, self._arg_specs, jit_compile)
+        self._compiled: dict[int, CompiledStep] = {}
         self._lock = threading.Lock()
-        self._seen_buckets: set[int] = set()
 
     @property
     def compiled_buckets(self) -> frozenset[int]:
         """Bucket sizes that have run at least once (compiled, for compiled backends)."""
-        return frozenset(self._seen_buckets)
+        return frozenset(self._compiled)
 
     def bucket_for(self, batch_size: int) -> int:
         for size in self.buckets:
@@ -228,10 +237,14 @@ class StepFunction:
         return [r[:batch] for r in raw] if bucket != batch else raw
 
     def _run_bucket(self, values: list[np.ndarray], bucket: int) -> list[np.ndarray]:
-        if bucket not in self._seen_buckets:
-            # First call of a bucket traces and compiles it; do that once.
-            with self._lock:
-                result = self._compiled(values)
-                self._seen_buckets.add(bucket)
+        compiled = self._compiled.get(bucket)
+        if compiled is not None:
+            return compiled(values)
+        with self._lock:  # the first call of a bucket traces and compiles it: once
+            compiled = self._compiled.get(bucket)
+            if compiled is None:
+                compiled = self._compile(bucket)
+                result = compiled(values)
+                self._compiled[bucket] = compiled
                 return result
-        return self._compiled(values)
+        return compiled(values)

@@ -1,0 +1,206 @@
+"""Real servers for tests: a small model repository, an in-process server thread,
+and a server subprocess (for signals).
+
+    repo = write_repository(tmp_path)           # models "lstm" and "ctx"
+    with ServerThread(Settings(model_repository=repo, port=0)) as server:
+        channel = grpc.insecure_channel(server.address)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from rnnserve.core import RecurrentModel, from_keras
+
+FEATURES = 4
+UNITS = 8
+OUTPUTS = 3
+CONTEXT = 2
+
+
+def lstm_model() -> keras.Model:
+    """`lstm`: an ordinary Keras model, LSTM(8) over 4 features + Dense(3)."""
+    return keras.Sequential(
+        [
+            keras.Input((None, FEATURES), name="x"),
+            keras.layers.LSTM(UNITS, return_sequences=True, name="lstm"),
+            keras.layers.Dense(OUTPUTS, name="y"),
+        ],
+        name="lstm_model",
+    )
+
+
+def context_model() -> keras.Model:
+    """`ctx`: a step graph with a constant (per-session context) and a GRU cell."""
+    x_t = keras.Input((FEATURES,), name="x")
+    context = keras.Input((CONTEXT,), name="context")
+    h = keras.Input((UNITS,), name="h")
+    out, [h_t] = keras.layers.GRUCell(UNITS, name="gru")(
+        keras.layers.concatenate([x_t, context]), [h]
+    )
+    y = keras.layers.Dense(OUTPUTS, name="y")(out)
+    rnn = RecurrentModel(
+        sequence_inputs=x_t,
+        constant_inputs=context,
+        state_inputs=h,
+        sequence_outputs=y,
+        state_outputs=h_t,
+        return_sequences=True,
+        name="ctx_rnn",
+    )
+    xs = keras.Input((None, FEATURES), name="xs")
+    cs = keras.Input((CONTEXT,), name="cs")
+    return keras.Model([xs, cs], rnn(xs, constants=[cs]), name="ctx_model")
+
+
+def write_repository(root: Path, *, max_batch_size: int = 64) -> Path:
+    """`root/lstm/1`, `root/ctx/1`: small trained-free models saved as `.keras`."""
+    keras.utils.set_random_seed(42)
+    for name, model in (("lstm", lstm_model()), ("ctx", context_model())):
+        folder = root / name / "1"
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save(folder / "model.keras")
+        (folder / "config.yaml").write_text(
+            f"max_batch_size: {max_batch_size}\nmax_queue_delay_ms: 2\n"
+        )
+    return root
+
+
+def reference(repo: Path, name: str, xs: np.ndarray, constants: Any = None) -> np.ndarray:
+    """Offline outputs `(batch, time, OUTPUTS)` of model `name` on sequences `xs`."""
+    model = keras.models.load_model(repo / name / "1" / "model.keras", compile=False)
+    recurrent = model if isinstance(model, RecurrentModel) else from_keras(model)
+    if recurrent.layout.n_constants:
+        # The saved model wraps the RecurrentModel; run its layer directly.
+        layer = next(lyr for lyr in model.layers if isinstance(lyr, RecurrentModel))
+        return keras.ops.convert_to_numpy(layer(xs, constants=[constants]))
+    return keras.ops.convert_to_numpy(recurrent(xs))
+
+
+class ServerThread:
+    """An `RnnserveServer` on its own event loop in a background thread."""
+
+    def __init__(self, settings: Any, *, start_timeout_s: float = 120.0) -> None:
+        self.settings = settings
+        self.server: Any = None
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="rnnserve-test-server", daemon=True)
+        self._start_timeout_s = start_timeout_s
+
+    def _run(self) -> None:
+        from rnnserve.service.server import RnnserveServer
+
+        asyncio.set_event_loop(self.loop)
+
+        async def main() -> None:
+            self.server = RnnserveServer(self.settings)
+            try:
+                await self.server.start()
+            except BaseException as exc:
+                self._error = exc
+                self._ready.set()
+                raise
+            self._ready.set()
+            await self.server.wait()
+
+        try:
+            self.loop.run_until_complete(main())
+        except BaseException:
+            pass
+        finally:
+            self.loop.close()
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        if not self._ready.wait(self._start_timeout_s):
+            raise TimeoutError("server did not start")
+        if self._error is not None:
+            raise RuntimeError("server failed to start") from self._error
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        return int(self.server.port)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def call(self, coroutine: Any, timeout: float = 60.0) -> Any:
+        """Run a coroutine on the server's loop (e.g. `server.server.stop()`)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        if self._thread.is_alive() and self.server is not None:
+            with contextlib.suppress(RuntimeError):
+                self.call(self.server.stop(grace_s))
+        self._thread.join(timeout=60)
+
+
+def spawn_server(
+    repo: Path, *extra: str, env: dict[str, str] | None = None, timeout_s: float = 120.0
+) -> tuple[subprocess.Popen[str], int]:
+    """`rnnserve serve --port 0` in a subprocess; returns it and its port."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rnnserve.service.cli",
+            "serve",
+            "--model-repository",
+            str(repo),
+            "--port",
+            "0",
+            "--host",
+            "127.0.0.1",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})},
+    )
+    deadline = time.monotonic() + timeout_s
+    assert process.stdout is not None
+    lines = []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            if process.poll() is not None:
+                break
+            continue
+        lines.append(line)
+        match = re.search(r"rnnserve listening on port (\d+)", line)
+        if match:
+            threading.Thread(target=_drain, args=(process,), daemon=True).start()
+            return process, int(match.group(1))
+    process.kill()
+    raise RuntimeError("server subprocess did not start:\n" + "".join(lines[-40:]))
+
+
+def _drain(process: subprocess.Popen[str]) -> None:
+    assert process.stdout is not None
+    for _ in process.stdout:
+        pass
+
+
+def unique(prefix: str = "s") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
