@@ -24,42 +24,30 @@ app = typer.Typer(
 )
 
 
-@app.command()
-def serve(
-    model_repository: Annotated[
-        Path | None, typer.Option(help="folder of <name>/<version>/model.keras")
-    ] = None,
-    port: Annotated[int | None, typer.Option(help="gRPC port (0: any free port)")] = None,
-    host: Annotated[str | None, typer.Option(help="bind address")] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Prometheus /metrics port")] = None,
-    redis_url: Annotated[
-        str | None, typer.Option(help="redis://host:port/db (default: embedded memory store)")
-    ] = None,
-    max_batch_size: Annotated[int | None, typer.Option(help="largest batch per model call")] = None,
-    repository_poll_s: Annotated[
-        float | None, typer.Option(help="re-scan the repository every N seconds")
-    ] = None,
-    log_json: Annotated[bool | None, typer.Option(help="JSON log lines")] = None,
-) -> None:
-    """Serve the models of a repository until SIGTERM, then drain."""
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def serve(ctx: typer.Context) -> None:
+    """Serve the models of a repository until SIGTERM, then drain.
+
+    Every setting is a flag (`rnnserve serve --help` lists them) and an
+    `RNNSERVE_*` environment variable; flags win.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    settings = settings_from_args(list(ctx.args))  # before the heavy imports: fast --help
     from rnnserve.service.logs import configure_logging
     from rnnserve.service.server import serve as run_server
-    from rnnserve.service.settings import Settings
 
-    flags: dict[str, Any] = {
-        "model_repository": model_repository,
-        "port": port,
-        "host": host,
-        "metrics_port": metrics_port,
-        "redis_url": redis_url,
-        "max_batch_size": max_batch_size,
-        "repository_poll_s": repository_poll_s,
-        "log_json": log_json,
-    }
-    settings = Settings(**{k: v for k, v in flags.items() if v is not None})
     configure_logging(settings.log_level, json_lines=settings.log_json)
     asyncio.run(run_server(settings))
+
+
+def settings_from_args(args: list[str]) -> Any:
+    """`Settings` from env and `--kebab-case` flags (pydantic-settings' own CLI parser)."""
+    from rnnserve.service.settings import Settings
+
+    return Settings(_cli_parse_args=args, _cli_kebab_case=True, _cli_prog_name="rnnserve serve")
 
 
 @app.command("demo-model")
