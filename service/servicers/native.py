@@ -16,7 +16,7 @@ from grpc import aio
 from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
 from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 from rnnserve.service.engine import SessionEngine, SessionInfo, StepResult
-from rnnserve.service.errors import InvalidArgument, RnnserveError
+from rnnserve.service.errors import InvalidArgument
 from rnnserve.service.record import SessionRecord
 from rnnserve.service.repository import ModelCatalog
 from rnnserve.service.status import describe, namespace_var
@@ -246,9 +246,7 @@ class RecurrentServicer(pb_grpc.RecurrentServicer):  # type: ignore[misc]
     ) -> pb.SessionInfo:
         try:
             record = SessionRecord.decode(request.record)
-        except RnnserveError:
-            raise
-        except Exception as exc:
+        except Exception as exc:  # the bytes come from the client: their fault, not ours
             raise InvalidArgument(f"record is not an rnnserve session record: {exc}") from exc
         info = await self.engine.import_state(
             request.session.model,

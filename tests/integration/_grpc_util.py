@@ -70,6 +70,8 @@ def rpc_error(call: Any, *args: Any, **kwargs: Any) -> grpc.RpcError:
     """The `grpc.RpcError` that `call(*args)` raises (fails the test if it does not)."""
     try:
         result = call(*args, **kwargs)
+        if isinstance(result, grpc.Call):  # a stream: the status comes with its end
+            result = list(result)  # type: ignore[call-overload]
     except grpc.RpcError as exc:
         return exc
     raise AssertionError(f"expected an RPC error, got {result!r}")
