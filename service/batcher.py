@@ -6,6 +6,11 @@ One loop task waits for the first request, then fills the batch until it holds
 handler in a task of its own; at most `max_batches_in_flight` such tasks run at once
 (a semaphore), so the next batch fills while the previous one computes.
 
+With `idle_dispatch` (the default) the batcher does not wait when no batch is
+running: it takes what is queued and goes. Waiting for more only pays while the
+model is busy anyway; a lone session then gets unbatched latency, and under load
+batches still fill while the previous one computes.
+
 Requests carry a `key` (the session). A key has at most one request in flight, in
 any batch: a second request for a busy key waits in that key's line and becomes
 ready, in order, when the first completes. So a batch never holds two steps of one
@@ -101,6 +106,7 @@ class DynamicBatcher(Generic[P, R]):
         max_queue_delay_s: float = 0.002,
         max_queue_size: int = 4096,
         max_batches_in_flight: int = 2,
+        idle_dispatch: bool = True,
         on_batch: BatchHook | None = None,
         name: str = "batcher",
     ) -> None:
@@ -115,6 +121,7 @@ class DynamicBatcher(Generic[P, R]):
         self.max_queue_delay_s = max(0.0, max_queue_delay_s)
         self.max_queue_size = max_queue_size
         self.max_batches_in_flight = max_batches_in_flight
+        self.idle_dispatch = idle_dispatch
         self.name = name
         self._on_batch = on_batch
         self.stats = BatcherStats()
@@ -123,6 +130,7 @@ class DynamicBatcher(Generic[P, R]):
         self._active: set[Hashable] = set()
         self._queued = 0
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._running = 0  # batches whose handler has not returned yet
         self._loop_task: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Event | None = None
         self._progress: asyncio.Event | None = None
@@ -277,6 +285,7 @@ class DynamicBatcher(Generic[P, R]):
                 except BaseException:
                     self._slots.release()
                     raise
+                self._running += 1
                 task = loop.create_task(self._run_batch(batch), name=f"{self.name}-batch")
                 self._in_flight.add(task)
                 task.add_done_callback(self._in_flight.discard)
@@ -304,8 +313,10 @@ class DynamicBatcher(Generic[P, R]):
             if request is not None:
                 batch.append(request)
                 continue
+            if self._closing or (self.idle_dispatch and not self._running):
+                break
             remaining = deadline - loop.time()
-            if remaining <= 0 or self._closing:
+            if remaining <= 0:
                 break
             wakeup.clear()
             try:
@@ -334,6 +345,7 @@ class DynamicBatcher(Generic[P, R]):
             results = [exc] * len(batch)
         finally:
             self._slots.release()
+            self._running -= 1
         elapsed = time.perf_counter() - started
         self.stats.batches += 1
         self.stats.requests += len(batch)
@@ -365,6 +377,10 @@ class DynamicBatcher(Generic[P, R]):
             self._wakeup.set()
         for key in released:
             self._release(key)
+        if self.idle_dispatch and not self._running:
+            # the model is idle: a batch still filling should go now
+            assert self._wakeup is not None
+            self._wakeup.set()
         self._signal_progress()
         if self._on_batch is not None:
             try:

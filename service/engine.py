@@ -96,6 +96,8 @@ class RunnerConfig:
     max_queue_delay_s: float = 0.002
     max_queue_size: int = 8192
     max_batches_in_flight: int = 2
+    idle_dispatch: bool = True
+    compute_threads: int = 1
     idle_timeout_s: float = 3600.0
     states_float16: bool = False
     max_cas_retries: int = 16
@@ -216,8 +218,11 @@ class ModelRunner:
             [np.zeros((1, *s.shape), s.numpy_dtype) for s in sig.outputs], 1
         )[0]
         self._initial_states = self.codec.state_rows(sig.initial_states(1), 1)[0]
+        # One compute thread by default: batches in flight overlap their store I/O
+        # with the other's compute; two model steps at once would only fight over
+        # the cores (and starve the event loop) on a small machine.
         self._executor = ThreadPoolExecutor(
-            max_workers=config.max_batches_in_flight,
+            max_workers=max(1, config.compute_threads),
             thread_name_prefix=f"rnnserve-{name}-{version}",
         )
         self.batcher: DynamicBatcher[_Step, StepResult] = DynamicBatcher(
@@ -226,6 +231,7 @@ class ModelRunner:
             max_queue_delay_s=config.max_queue_delay_s,
             max_queue_size=config.max_queue_size,
             max_batches_in_flight=config.max_batches_in_flight,
+            idle_dispatch=config.idle_dispatch,
             name=f"{name}:{version}",
         )
 

@@ -51,12 +51,26 @@ async def test_fills_up_to_max_batch_size() -> None:
 
 async def test_waits_for_more_until_the_delay() -> None:
     handler = Recorder()
-    async with DynamicBatcher(handler, max_batch_size=8, max_queue_delay_s=0.2) as batcher:
+    async with DynamicBatcher(
+        handler, max_batch_size=8, max_queue_delay_s=0.2, idle_dispatch=False
+    ) as batcher:
         first = batcher.submit("a", 1)
         await asyncio.sleep(0.01)
         second = batcher.submit("b", 2)
         assert await asyncio.gather(first, second) == [10, 20]
     assert [len(b) for b in handler.batches] == [2]
+
+
+async def test_idle_dispatch_goes_at_once_and_fills_while_busy() -> None:
+    handler = Recorder(delay=0.05)
+    async with DynamicBatcher(handler, max_batch_size=8, max_queue_delay_s=1.0) as batcher:
+        first = batcher.submit("a", 1)
+        await asyncio.sleep(0.01)  # "a" runs alone: nothing was running, no waiting
+        assert handler.batches == [[("a", 1)]]
+        rest = [batcher.submit(k, 2) for k in "bcd"]
+        assert await asyncio.gather(first, *rest) == [10, 20, 20, 20]
+    # b, c, d waited for each other while "a" computed (bounded by the delay)
+    assert [len(b) for b in handler.batches] == [1, 3]
 
 
 async def test_one_request_per_key_per_batch_in_order() -> None:
