@@ -1,0 +1,58 @@
+"""rnnserve.client: a small Python SDK for rnnserve's native gRPC API.
+
+    from rnnserve.client import Client
+
+    with Client("localhost:8001") as client:
+        session = client.session("char_lstm")
+        logits = session.step(3)                 # one timestep
+        all_logits = session.run([3, 1, 4, 1])   # T timesteps, (T, ...) back
+        session.end()
+
+Every step carries the session's `seq` and a request id, so a step retried after
+UNAVAILABLE / DEADLINE_EXCEEDED (on the same replica or the next address) is applied
+exactly once. `AsyncClient` is the asyncio twin. Errors are `ClientError`s.
+"""
+
+from rnnserve.client._async import AsyncClient, AsyncSession
+from rnnserve.client._exceptions import (
+    ClientError,
+    ConnectionFailed,
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    SeqConflict,
+    ServerError,
+    StepsLost,
+    Unauthorized,
+)
+from rnnserve.client._models import (
+    ExportedState,
+    ModelInfo,
+    RetryPolicy,
+    SessionInfo,
+    Signature,
+    TensorSpec,
+)
+from rnnserve.client._sync import Client, Session
+
+__all__ = [
+    "AsyncClient",
+    "AsyncSession",
+    "Client",
+    "ClientError",
+    "ConnectionFailed",
+    "ExportedState",
+    "InvalidRequest",
+    "ModelInfo",
+    "NotFound",
+    "Overloaded",
+    "RetryPolicy",
+    "SeqConflict",
+    "ServerError",
+    "Session",
+    "SessionInfo",
+    "Signature",
+    "StepsLost",
+    "TensorSpec",
+    "Unauthorized",
+]

@@ -1,0 +1,123 @@
+"""The errors of `rnnserve.client`: one small hierarchy, each carrying its gRPC code.
+
+A `grpc.RpcError` never leaves the client: it is translated at the boundary with
+`raise ... from exc`, so the original status stays attached as `__cause__`.
+
+    ClientError                        code (a grpc.StatusCode, or None)
+    ├── ConnectionFailed               UNAVAILABLE / DEADLINE_EXCEEDED after every retry
+    ├── InvalidRequest                 INVALID_ARGUMENT, OUT_OF_RANGE
+    ├── NotFound                       NOT_FOUND (no such model, version or session)
+    ├── SeqConflict                    FAILED_PRECONDITION (carries `current_seq`)
+    ├── Unauthorized                   UNAUTHENTICATED, PERMISSION_DENIED
+    ├── Overloaded                     RESOURCE_EXHAUSTED
+    ├── ServerError                    INTERNAL, ABORTED and anything else
+    └── StepsLost                      a broken sequence cannot be resumed without losing
+                                       outputs of steps the server applied (no code)
+"""
+
+from __future__ import annotations
+
+import re
+
+import grpc
+
+__all__ = [
+    "ClientError",
+    "ConnectionFailed",
+    "InvalidRequest",
+    "NotFound",
+    "Overloaded",
+    "SeqConflict",
+    "ServerError",
+    "StepsLost",
+    "Unauthorized",
+]
+
+_SEQ_IN_MESSAGE = re.compile(r"is at seq (\d+)")
+
+
+class ClientError(Exception):
+    """Base of every error `rnnserve.client` raises."""
+
+    def __init__(self, message: str, *, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class ConnectionFailed(ClientError):
+    """No address answered (UNAVAILABLE or DEADLINE_EXCEEDED) within the retry budget."""
+
+
+class InvalidRequest(ClientError):
+    """The server rejected the request: names, shapes, dtypes, sizes, ids."""
+
+
+class NotFound(ClientError):
+    """No such model, version or session (never started, ended, or expired)."""
+
+
+class SeqConflict(ClientError):
+    """The session is not where this client expected it (`current_seq` says where)."""
+
+    def __init__(
+        self, message: str, *, code: grpc.StatusCode | None = None, current_seq: int | None
+    ) -> None:
+        super().__init__(message, code=code)
+        self.current_seq = current_seq
+
+
+class Unauthorized(ClientError):
+    """Missing or unknown token, or a session of another namespace."""
+
+
+class Overloaded(ClientError):
+    """The server's queues are full (RESOURCE_EXHAUSTED); try again later."""
+
+
+class ServerError(ClientError):
+    """Any other status: INTERNAL, ABORTED, UNIMPLEMENTED, ..."""
+
+
+class StepsLost(ClientError):
+    """A sequence call broke after the server applied steps whose replies never arrived.
+
+    The session is consistent (each step applied once) but the outputs of
+    `lost` step(s) cannot be fetched again: only a session's last reply is kept.
+    `acknowledged` steps were returned; the session's seq is `current_seq`.
+    """
+
+    def __init__(self, message: str, *, acknowledged: int, current_seq: int) -> None:
+        super().__init__(message)
+        self.acknowledged = acknowledged
+        self.current_seq = current_seq
+
+
+_BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
+    grpc.StatusCode.UNAVAILABLE: ConnectionFailed,
+    grpc.StatusCode.DEADLINE_EXCEEDED: ConnectionFailed,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidRequest,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthorized,
+    grpc.StatusCode.PERMISSION_DENIED: Unauthorized,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
+}
+
+
+def from_status(code: grpc.StatusCode, details: str) -> ClientError:
+    """The client error for a status (code + message), e.g. from a stream's `Error`."""
+    if code is grpc.StatusCode.FAILED_PRECONDITION:
+        match = _SEQ_IN_MESSAGE.search(details)
+        current = int(match.group(1)) if match else None
+        return SeqConflict(details, code=code, current_seq=current)
+    return _BY_CODE.get(code, ServerError)(details, code=code)
+
+
+def from_rpc_error(exc: grpc.RpcError) -> ClientError:
+    """Translate a `grpc.RpcError` (sync or aio); raise the result `from exc`."""
+    code_method = getattr(exc, "code", None)
+    details_method = getattr(exc, "details", None)
+    code = code_method() if callable(code_method) else grpc.StatusCode.UNKNOWN
+    details = details_method() if callable(details_method) else str(exc)
+    return from_status(code or grpc.StatusCode.UNKNOWN, details or code.name)
