@@ -294,6 +294,7 @@ def client_run(
     end: Annotated[bool, typer.Option(help="end the session afterwards")] = False,
 ) -> None:
     """Run a whole sequence through a session; prints all outputs, (T, ...) each (JSON)."""
+    from rich.console import Console
     from rich.progress import Progress
 
     from rnnserve.client import ClientError
@@ -304,7 +305,11 @@ def client_run(
             session = _open_session(client, model, session_id, version, constants)
             first = xs[session.signature.inputs[0].name] if isinstance(xs, dict) else xs
             total = len(first)
-            with Progress(transient=True, disable=total < PROGRESS_MIN_STEPS) as progress:
+            with Progress(
+                console=Console(stderr=True),
+                transient=True,
+                disable=total < PROGRESS_MIN_STEPS,
+            ) as progress:
                 task = progress.add_task(f"{model}: {total} steps", total=total)
                 outputs = session.run(
                     xs, on_step=lambda done, _: progress.update(task, completed=done)

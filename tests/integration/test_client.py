@@ -28,6 +28,7 @@ from rnnserve.client import (
     RetryPolicy,
     SeqConflict,
     StepsLost,
+    Unauthorized,
 )
 from tests.servers import CONTEXT, FEATURES, OUTPUTS, ServerThread, reference
 
@@ -41,7 +42,12 @@ def native_server(request: pytest.FixtureRequest, model_repo: Path) -> Iterator[
     """One real server per store for the whole module (starting one costs seconds)."""
     from rnnserve.service.settings import Settings
 
-    options: dict[str, Any] = {"model_repository": model_repo, "port": 0, "host": "127.0.0.1"}
+    options: dict[str, Any] = {
+        "model_repository": model_repo,
+        "port": 0,
+        "host": "127.0.0.1",
+        "warmup": False,
+    }
     if request.param == "redis":
         options["redis_url"] = request.getfixturevalue("redis_url")
         options["namespace"] = f"test-client-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -305,3 +311,29 @@ async def test_async_client_fails_over_to_the_next_address(native_server, model_
         assert client.address == native_server.address
         await session.end()
     np.testing.assert_allclose(outputs, reference(model_repo, "lstm", xs[None])[0], atol=1e-5)
+
+
+# -- auth ----------------------------------------------------------------------------
+def test_bearer_token_namespaces_sessions(model_repo):
+    from rnnserve.service.settings import Settings
+
+    settings = Settings(
+        model_repository=model_repo,
+        port=0,
+        host="127.0.0.1",
+        warmup=False,
+        auth_tokens="alice-token=alice,bob-token=bob",
+    )
+    with ServerThread(settings) as running:
+        with Client(running.address) as anonymous, pytest.raises(Unauthorized) as refused:
+            anonymous.list_models()
+        assert refused.value.code is grpc.StatusCode.UNAUTHENTICATED
+        with (
+            Client(running.address, token="alice-token") as alice,
+            Client(running.address, token="bob-token") as bob,
+        ):
+            session = alice.session("lstm")
+            session.step(np.zeros(FEATURES, dtype="float32"))
+            with pytest.raises(NotFound):  # bob's namespace has no such session
+                bob.attach("lstm", session.session_id)
+            assert alice.attach("lstm", session.session_id).seq == 1

@@ -28,7 +28,10 @@ def test_killed_replica_the_session_continues_on_the_next(model_repo, redis_url)
 
     namespace = f"test-failover-{uuid.uuid4().hex[:12]}"
     first, first_port = spawn_server(
-        model_repo, "--redis-url", redis_url, env={"RNNSERVE_NAMESPACE": namespace}
+        model_repo,
+        "--redis-url",
+        redis_url,
+        env={"RNNSERVE_NAMESPACE": namespace, "RNNSERVE_WARMUP": "false"},
     )
     second = ServerThread(
         Settings(
@@ -37,6 +40,7 @@ def test_killed_replica_the_session_continues_on_the_next(model_repo, redis_url)
             host="127.0.0.1",
             redis_url=redis_url,
             namespace=namespace,
+            warmup=False,
         )
     )
     xs = np.random.default_rng(7).normal(size=(24, FEATURES)).astype("float32")
