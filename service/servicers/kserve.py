@@ -2,10 +2,18 @@
 
 A Triton sequence is an rnnserve session: `sequence_id` (uint64 or string)
 names it, `sequence_start` starts it (constants, if the model has any, come with
-that request), every request is one step of batch size 1, and `sequence_end`
-ends it after its step. As in Triton, a request without the START flag for a
-sequence the server does not know is INVALID_ARGUMENT. uint64 and string ids
-never collide: they map to session ids `u<id>` and `s<id>`.
+that request and only with it), every request is one step of batch size 1, and
+`sequence_end` ends it after its step. As in Triton, a request without the START
+flag for a sequence the server does not know is INVALID_ARGUMENT; a START for a
+sequence that exists restarts it from the initial state. uint64 and string ids
+never collide: they map to session ids `u<id>` and `s<id>` (an int64 id is read
+as the uint64 of the same bits, as Triton does).
+
+A request's `id` is only echoed back (Triton clients match stream responses by
+it); it is not the engine's retry key, since Triton ids need not be unique.
+
+In one `ModelStreamInfer` stream the requests of one sequence take effect in the
+order they were sent; requests of different sequences run concurrently.
 """
 
 from __future__ import annotations
@@ -73,13 +81,17 @@ def session_id_of(params: Mapping[str, pb.InferParameter], model: str) -> str:
     param = params["sequence_id"]
     choice = param.WhichOneof("parameter_choice")
     if choice in ("uint64_param", "int64_param"):
-        value = int(getattr(param, choice))
-        if value <= 0:
-            raise InvalidArgument("sequence_id must be non-zero")
+        value = int(getattr(param, choice)) % 2**64  # Triton: the int64's bits as uint64
+        if value == 0:
+            raise InvalidArgument(
+                f"inference request to model {model!r} must specify a non-zero sequence_id"
+            )
         return f"u{value}"
     if choice == "string_param":
         if not param.string_param:
-            raise InvalidArgument("sequence_id must be non-empty")
+            raise InvalidArgument(
+                f"inference request to model {model!r} must specify a non-empty sequence_id"
+            )
         return f"s{param.string_param}"
     raise InvalidArgument(f"sequence_id must be a uint64 or a string, got {choice}")
 
@@ -99,7 +111,8 @@ def _input_array(
             f"input {tensor.name!r}: datatype {tensor.datatype}, the model takes {expected}"
         )
     shape = tuple(int(d) for d in tensor.shape)
-    if shape != (1, *spec.shape):
+    # A scalar per sample may also come as [1, 1]: Triton's dims [1] + reshape [].
+    if shape != (1, *spec.shape) and not (spec.shape == () and shape == (1, 1)):
         raise InvalidArgument(
             f"input {tensor.name!r}: shape {list(shape)}, expected {[1, *spec.shape]} "
             "(one step of one sequence per request)"
@@ -120,6 +133,116 @@ def _input_array(
             f"input {tensor.name!r}: {len(values)} value(s) in contents, {count} expected"
         )
     return np.asarray(values, dtype=spec.dtype).reshape(spec.shape)
+
+
+def _check_requested_outputs(request: pb.ModelInferRequest, sig: StepSignature) -> None:
+    known = {s.name for s in sig.outputs}
+    unknown = sorted({o.name for o in request.outputs} - known)
+    if unknown:
+        raise InvalidArgument(f"unknown output(s) {unknown}; the model gives {sorted(known)}")
+
+
+class _Turn:
+    """When one stream request may run, and telling the next request of its sequence
+    when it may (see `_SequenceOrder`)."""
+
+    def __init__(
+        self,
+        after: asyncio.Future[None] | None,
+        gate: asyncio.Future[None],
+        done: asyncio.Future[None],
+        *,
+        pipelined: bool,
+    ) -> None:
+        self._after = after
+        self._gate = gate
+        self._done = done
+        self._pipelined = pipelined
+
+    async def wait(self) -> None:
+        if self._after is not None and not self._after.done():
+            # shield: a cancelled request must not cancel the future another waits on.
+            await asyncio.shield(self._after)
+
+    def submitting(self) -> None:
+        """Called right before the step goes to the engine: the next plain step of the
+        sequence may follow (it runs only once this request suspends, i.e. after the
+        step is in the batcher's queue, which keeps the order)."""
+        if self._pipelined and not self._gate.done():
+            self._gate.set_result(None)
+
+    def finish(self) -> None:
+        for future in (self._gate, self._done):
+            if not future.done():
+                future.set_result(None)
+
+
+def _all_done(futures: list[asyncio.Future[None]]) -> asyncio.Future[None] | None:
+    pending = [f for f in futures if not f.done()]
+    if not pending:
+        return None
+    combined: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    left = len(pending)
+
+    def one_done(_: asyncio.Future[None]) -> None:
+        nonlocal left
+        left -= 1
+        if left == 0 and not combined.done():
+            combined.set_result(None)
+
+    for future in pending:
+        future.add_done_callback(one_done)
+    return combined
+
+
+class _Chain:
+    __slots__ = ("gate", "pending")
+
+    def __init__(self) -> None:
+        self.gate: asyncio.Future[None] | None = None  # the last request's gate
+        self.pending: list[asyncio.Future[None]] = []  # `done` of unfinished requests
+
+
+class _SequenceOrder:
+    """The requests of one sequence in one stream take effect in the order they came.
+
+    Each request waits for the gate of the one before it in its sequence. A plain
+    step opens its gate when it hands its step to the engine, so the steps of a
+    sequence are pipelined in the batcher's queue. A START or END opens its gate when
+    it is complete (the session exists, or is gone), and a START also waits for every
+    earlier request of its sequence to complete (it replaces the session they step).
+    Requests of different sequences, or without a usable sequence id, do not wait.
+    """
+
+    def __init__(self) -> None:
+        self._chains: dict[tuple[str, str], _Chain] = {}
+
+    def turn(self, request: pb.ModelInferRequest) -> _Turn:
+        loop = asyncio.get_running_loop()
+        gate: asyncio.Future[None] = loop.create_future()
+        done: asyncio.Future[None] = loop.create_future()
+        params = request.parameters
+        try:
+            key = (request.model_name, session_id_of(params, request.model_name))
+        except InvalidArgument:
+            return _Turn(None, gate, done, pipelined=True)
+        start = bool(_parameter(params, "sequence_start"))
+        end = bool(_parameter(params, "sequence_end"))
+        chain = self._chains.get(key)
+        if chain is None:
+            chain = self._chains[key] = _Chain()
+        chain.pending = [f for f in chain.pending if not f.done()]
+        after = _all_done(chain.pending) if start else chain.gate
+        chain.gate = gate
+        chain.pending.append(done)
+
+        def finished(_: asyncio.Future[None]) -> None:
+            # Forget the sequence once all its requests so far are done.
+            if self._chains.get(key) is chain and all(f.done() for f in chain.pending):
+                del self._chains[key]
+
+        done.add_done_callback(finished)
+        return _Turn(after, gate, done, pipelined=not (start or end))
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
@@ -187,11 +310,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         replies: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         window = asyncio.Semaphore(STREAM_WINDOW)
         namespace = namespace_var.get()
+        order = _SequenceOrder()
 
-        async def answer(request: pb.ModelInferRequest) -> None:
+        async def answer(request: pb.ModelInferRequest, turn: _Turn) -> None:
             namespace_var.set(namespace)
             try:
-                reply = pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+                await turn.wait()
+                response = await self._infer(request, submitting=turn.submitting)
+                reply = pb.ModelStreamInferResponse(infer_response=response)
             except Exception as exc:  # an error answers this request; the stream goes on
                 _, message = describe(exc)
                 reply = pb.ModelStreamInferResponse(
@@ -203,6 +329,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                     ),
                 )
             finally:
+                turn.finish()
                 window.release()
             await replies.put(reply)
 
@@ -211,7 +338,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             try:
                 async for request in requests:
                     await window.acquire()
-                    task = asyncio.ensure_future(answer(request))
+                    task = asyncio.ensure_future(answer(request, order.turn(request)))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 if tasks:
@@ -227,7 +354,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         finally:
             reader.cancel()
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def _infer(
+        self, request: pb.ModelInferRequest, *, submitting: Callable[[], None] | None = None
+    ) -> pb.ModelInferResponse:
         model = request.model_name
         loaded = self.catalog.get(model, request.model_version or None)
         sig = loaded.signature
@@ -235,7 +364,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         session_id = session_id_of(params, model)
         start = bool(_parameter(params, "sequence_start"))
         end = bool(_parameter(params, "sequence_end"))
-        inputs, constants = self._decode_inputs(request, sig)
+        inputs, constants = self._decode_inputs(request, sig, start=start)
+        _check_requested_outputs(request, sig)
         namespace = namespace_var.get()
         if start:
             await self.engine.start(
@@ -246,13 +376,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 namespace=namespace,
             )
         try:
+            # Triton request ids are labels, not unique: the engine makes its own
+            # (passing them would make a repeated id look like a retry of the last step).
+            if submitting is not None:
+                submitting()
             result = await self.engine.step(
-                model,
-                session_id,
-                inputs,
-                version=loaded.version,
-                request_id=request.id or None,
-                namespace=namespace,
+                model, session_id, inputs, version=loaded.version, namespace=namespace
             )
         except SessionNotFound as exc:
             raise InvalidArgument(
@@ -264,8 +393,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         return self._response(request, loaded, result.outputs)
 
     def _decode_inputs(
-        self, request: pb.ModelInferRequest, sig: StepSignature
+        self, request: pb.ModelInferRequest, sig: StepSignature, *, start: bool
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The step's inputs and (START only) the sequence's constants, all checked
+        before anything changes."""
         specs = {s.name: s for s in (*sig.inputs, *sig.constants)}
         raw = list(request.raw_input_contents)
         if raw and len(raw) != len(request.inputs):
@@ -283,18 +414,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             if tensor.name in arrays:
                 raise InvalidArgument(f"input {tensor.name!r} is given twice")
             arrays[tensor.name] = _input_array(tensor, raw[position] if raw else None, spec)
-        inputs = {s.name: arrays[s.name] for s in sig.inputs if s.name in arrays}
-        constants = {s.name: arrays[s.name] for s in sig.constants if s.name in arrays}
+        missing = [s.name for s in sig.inputs if s.name not in arrays]
+        if start:
+            missing += [s.name for s in sig.constants if s.name not in arrays]
+        if missing:
+            raise InvalidArgument(
+                f"model {request.model_name!r}: missing input(s) {missing}"
+                + (" (constants come with the sequence_start request)" if sig.constants else "")
+            )
+        constant_names = [s.name for s in sig.constants if s.name in arrays]
+        if constant_names and not start:
+            raise InvalidArgument(
+                f"input(s) {constant_names} of model {request.model_name!r} are constant for "
+                "the whole sequence: send them with the sequence_start request only"
+            )
+        inputs = {s.name: arrays[s.name] for s in sig.inputs}
+        constants = {name: arrays[name] for name in constant_names}
         return inputs, constants
 
     def _response(
         self, request: pb.ModelInferRequest, loaded: LoadedModel, outputs: list[np.ndarray]
     ) -> pb.ModelInferResponse:
         wanted = {o.name for o in request.outputs}
-        known = {s.name for s in loaded.signature.outputs}
-        unknown = sorted(wanted - known)
-        if unknown:
-            raise InvalidArgument(f"unknown output(s) {unknown}; the model gives {sorted(known)}")
         response = pb.ModelInferResponse(
             model_name=loaded.name, model_version=loaded.version, id=request.id
         )
@@ -309,6 +450,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             )
             response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
         return response
+
+
+def _dims(spec: TensorSpec) -> dict[str, Any]:
+    """`dims` of a tensor in a Triton config; a scalar is dims [1] + reshape [], as Triton
+    requires non-empty dims."""
+    if spec.shape:
+        return {"dims": list(spec.shape)}
+    return {"dims": [1], "reshape": config_pb.ModelTensorReshape(shape=[])}
 
 
 def model_config(loaded: LoadedModel) -> config_pb.ModelConfig:
@@ -328,7 +477,7 @@ def model_config(loaded: LoadedModel) -> config_pb.ModelConfig:
                 input_name=s.name,
                 output_name=s.name,
                 data_type=_DTYPES[s.dtype][1],
-                dims=list(s.shape),
+                dims=list(s.shape) or [1],
             )
             for s in sig.states
         ],
@@ -339,17 +488,17 @@ def model_config(loaded: LoadedModel) -> config_pb.ModelConfig:
         backend="rnnserve",
         max_batch_size=cfg.max_batch_size,
         input=[
-            config_pb.ModelInput(name=s.name, data_type=_DTYPES[s.dtype][1], dims=list(s.shape))
+            config_pb.ModelInput(name=s.name, data_type=_DTYPES[s.dtype][1], **_dims(s))
             for s in sig.inputs
         ]
         + [
             config_pb.ModelInput(
-                name=s.name, data_type=_DTYPES[s.dtype][1], dims=list(s.shape), optional=True
+                name=s.name, data_type=_DTYPES[s.dtype][1], optional=True, **_dims(s)
             )
             for s in sig.constants
         ],
         output=[
-            config_pb.ModelOutput(name=s.name, data_type=_DTYPES[s.dtype][1], dims=list(s.shape))
+            config_pb.ModelOutput(name=s.name, data_type=_DTYPES[s.dtype][1], **_dims(s))
             for s in sig.outputs
         ],
         instance_group=[
