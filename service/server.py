@@ -98,6 +98,7 @@ class RnnserveServer:
         self._stopped = asyncio.Event()
         self._stopping: asyncio.Task[None] | None = None
         self._ready = False
+        self._interceptor: StatusInterceptor | None = None
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         for name in ("", NATIVE_SERVICE, KSERVE_SERVICE):
@@ -108,8 +109,9 @@ class RnnserveServer:
         settings = self.settings
         auth = TokenAuth.from_settings(settings.auth_tokens_file, settings.auth_tokens)
         limit = settings.max_message_bytes
+        self._interceptor = StatusInterceptor(auth, settings.namespace)
         server = aio.server(
-            interceptors=[StatusInterceptor(auth, settings.namespace)],
+            interceptors=[self._interceptor],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -174,13 +176,22 @@ class RnnserveServer:
         if self._stopped.is_set():
             return
         grace = self.settings.grace_period_s if grace_s is None else grace_s
+        deadline = asyncio.get_running_loop().time() + grace
         self._ready = False
         logger.info("draining (grace %.1fs)", grace)
+        # Refuse new calls (UNAVAILABLE) before a health watcher can see NOT_SERVING.
+        if self._interceptor is not None:
+            self._interceptor.start_draining()
         await self.health.enter_graceful_shutdown()
         if self._poller is not None:
             self._poller.cancel()
         if self._server is not None:
-            await self._server.stop(grace)
+            # Calls already running finish first; stopping gRPC with calls still queued in
+            # it would answer those CANCELLED instead of UNAVAILABLE.
+            if self._interceptor is not None:
+                await self._interceptor.wait_idle(grace)
+            remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+            await self._server.stop(remaining)
         await self.engine.aclose()
         self._stopped.set()
         logger.info("stopped")

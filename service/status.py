@@ -5,11 +5,19 @@ its code and message (notes included), anything else is logged with its
 traceback and answered INTERNAL with a generic message. It also authenticates
 the caller (`TokenAuth`) and sets the per-call context (`namespace`,
 `request_id`) that servicers and logs read.
+
+It also carries the first phase of a drain: after `start_draining()` every new
+call (health excepted) is answered UNAVAILABLE by us, and `wait_idle()` waits for
+the calls already running. Only then does the server stop gRPC itself: calls that
+gRPC still holds unmatched when it stops are CANCELLED, which tells a client
+nothing about whether to retry elsewhere.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -19,7 +27,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from rnnserve.service.errors import InvalidArgument, RnnserveError, Unauthenticated
+from rnnserve.service.errors import InvalidArgument, RnnserveError, ShuttingDown, Unauthenticated
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +119,29 @@ class StatusInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, auth: TokenAuth | None, default_namespace: str) -> None:
         self._auth = auth
         self._default_namespace = default_namespace
+        self._draining = False
+        self._calls = _CallCounter()
+
+    def start_draining(self) -> None:
+        """From now on refuse new calls (health excepted) with UNAVAILABLE."""
+        self._draining = True
+
+    async def wait_idle(self, timeout_s: float, *, quiet_s: float = 0.1) -> bool:
+        """Wait until no call (health excepted) is running and none has started for
+        `quiet_s` (calls gRPC holds but has not handed over yet then arrive, and are
+        refused); False if `timeout_s` passed first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (remaining := deadline - loop.time()) > 0:
+            try:
+                await asyncio.wait_for(self._calls.idle.wait(), remaining)
+            except TimeoutError:
+                return False
+            quiet = loop.time() - self._calls.last_started
+            if quiet >= quiet_s:
+                return True
+            await asyncio.sleep(min(quiet_s - quiet, max(0.0, deadline - loop.time())))
+        return False
 
     async def intercept_service(
         self,
@@ -123,12 +154,36 @@ class StatusInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         metadata = details.invocation_metadata
         namespace: str | None = self._default_namespace
         failure: RnnserveError | None = None
-        if self._auth is not None and not details.method.startswith(UNAUTHENTICATED_SERVICES):
+        probe = details.method.startswith(UNAUTHENTICATED_SERVICES)
+        if self._draining and not probe:
+            failure = ShuttingDown("the server is draining (shutting down); retry elsewhere")
+        elif self._auth is not None and not probe:
             try:
                 namespace = self._auth.namespace_for(metadata)
             except RnnserveError as exc:
                 failure, namespace = exc, None
-        return _wrap(handler, namespace or "", _request_id(metadata), failure)
+        calls = None if probe else self._calls
+        return _wrap(handler, namespace or "", _request_id(metadata), failure, calls)
+
+
+class _CallCounter:
+    """Calls running now; `idle` is set while there are none."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.last_started = float("-inf")  # event loop time
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def enter(self) -> None:
+        self.running += 1
+        self.last_started = asyncio.get_running_loop().time()
+        self.idle.clear()
+
+    def exit(self) -> None:
+        self.running -= 1
+        if self.running == 0:
+            self.idle.set()
 
 
 def _wrap(
@@ -136,10 +191,17 @@ def _wrap(
     namespace: str,
     request_id: str,
     failure: RnnserveError | None,
+    calls: _CallCounter | None,
 ) -> grpc.RpcMethodHandler:
     def enter() -> None:
         namespace_var.set(namespace)
         request_id_var.set(request_id)
+        if calls is not None:
+            calls.enter()
+
+    def leave() -> None:
+        if calls is not None:
+            calls.exit()
 
     async def abort(context: aio.ServicerContext, exc: BaseException) -> None:
         code, message = describe(exc)
@@ -150,14 +212,16 @@ def _wrap(
 
         async def unary_response(request: Any, context: aio.ServicerContext) -> Any:
             enter()
-            if failure is not None:
-                await abort(context, failure)
             try:
+                if failure is not None:
+                    await abort(context, failure)
                 return await behavior(request, context)
             except Exception as exc:
                 if isinstance(exc, aio.AbortError):
                     raise
                 await abort(context, exc)
+            finally:
+                leave()
 
         factory = (
             grpc.unary_unary_rpc_method_handler
@@ -174,15 +238,32 @@ def _wrap(
 
     async def stream_response(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
         enter()
-        if failure is not None:
-            await abort(context, failure)
         try:
+            if failure is not None:
+                await abort(context, failure)
             async for item in behavior(request, context):
                 yield item
         except Exception as exc:
             if isinstance(exc, aio.AbortError):
                 raise
             await abort(context, exc)
+        finally:
+            leave()
+
+    async def stream_written(request: Any, context: aio.ServicerContext) -> None:
+        # A handler that sends with `context.write()` and returns None (health's Watch)
+        # is a coroutine, not an async generator; gRPC tells them apart by type.
+        enter()
+        try:
+            if failure is not None:
+                await abort(context, failure)
+            await behavior(request, context)
+        except Exception as exc:
+            if isinstance(exc, aio.AbortError):
+                raise
+            await abort(context, exc)
+        finally:
+            leave()
 
     factory = (
         grpc.unary_stream_rpc_method_handler
@@ -190,7 +271,7 @@ def _wrap(
         else grpc.stream_stream_rpc_method_handler
     )
     return factory(
-        stream_response,
+        stream_response if inspect.isasyncgenfunction(behavior) else stream_written,
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
