@@ -132,10 +132,11 @@ def _print_json(value: Any) -> None:
     typer.echo(json.dumps(value))
 
 
-def _jsonable(outputs: Any) -> Any:
-    if isinstance(outputs, dict):
-        return {name: _jsonable(value) for name, value in outputs.items()}
-    return outputs.tolist()
+def _jsonable(session: Any, outputs: Any) -> dict[str, Any]:
+    """Outputs by name as lists (a one-output model's array gets its name back)."""
+    if not isinstance(outputs, dict):
+        outputs = {session.signature.outputs[0].name: outputs}
+    return {name: value.tolist() for name, value in outputs.items()}
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -271,7 +272,7 @@ def client_step(
             "session_id": session.session_id,
             "seq": session.seq,
             "replayed": session.last_replayed,
-            "outputs": _jsonable(outputs),
+            "outputs": _jsonable(session, outputs),
         }
     )
 
@@ -319,7 +320,11 @@ def client_run(
     except ClientError as exc:
         raise _fail(exc) from exc
     _print_json(
-        {"session_id": session.session_id, "seq": session.seq, "outputs": _jsonable(outputs)}
+        {
+            "session_id": session.session_id,
+            "seq": session.seq,
+            "outputs": _jsonable(session, outputs),
+        }
     )
 
 

@@ -78,7 +78,7 @@ def test_step_run_info_end(address, cli_repo, tmp_path):
         ).stdout
     )
     assert (first["seq"], second["seq"]) == (1, 2)
-    steps = np.array([first["outputs"], second["outputs"]], dtype="float32")
+    steps = np.array([first["outputs"]["y"], second["outputs"]["y"]], dtype="float32")
     np.testing.assert_allclose(steps, expected[:2], atol=1e-5)
 
     np.save(tmp_path / "rest.npy", xs[2:])
@@ -88,7 +88,7 @@ def test_step_run_info_end(address, cli_repo, tmp_path):
         ).stdout
     )
     assert ran["seq"] == 70
-    np.testing.assert_allclose(np.array(ran["outputs"]), expected[2:], atol=1e-5)
+    np.testing.assert_allclose(np.array(ran["outputs"]["y"]), expected[2:], atol=1e-5)
 
     info = json.loads(rnnserve_client(address, "info", "lstm", session).stdout)
     assert (info["seq"], info["model"]) == (70, "lstm")
