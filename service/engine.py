@@ -331,7 +331,11 @@ class ModelRunner:
             )
         except Exception as exc:
             logger.exception("model %s:%s step failed", self.name, self.version)
-            raise Internal(f"model {self.name!r} version {self.version!r} step failed") from exc
+            error = Internal(f"model {self.name!r} version {self.version!r} step failed")
+            error.__cause__ = exc
+            for i in todo:  # the replays and conflicts of this batch still stand
+                results[i] = error
+            return results
         output_rows = codec.output_rows(outputs, n)
         state_rows = codec.state_rows(new_states, n)
         now = time.time()

@@ -13,6 +13,7 @@ from _models import CONSTANTS, FEATURES, offline_run, step_function, token_model
 from rnnserve.core import StepFunction
 from rnnserve.service.engine import RunnerConfig, SessionEngine
 from rnnserve.service.errors import (
+    Internal,
     InvalidArgument,
     ModelNotFound,
     ModelVersionMismatch,
@@ -411,3 +412,38 @@ async def test_retry_after_a_lost_commit_reply_is_answered_once(
         np.testing.assert_allclose(again.outputs[0], want[0], atol=ATOL)
         nxt = await engine.step("lstm", "a", [xs[1]], seq=1, request_id="a1")
         np.testing.assert_allclose(nxt.outputs[0], want[1], atol=ATOL)
+
+
+class FailingOnce:
+    """The real step function, except that its next call raises (a model error)."""
+
+    def __init__(self, step: StepFunction) -> None:
+        self._step = step
+        self.signature = step.signature
+        self.fail_next = False
+
+    def __call__(self, *args):  # type: ignore[no-untyped-def]
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("kernel exploded")
+        return self._step(*args)
+
+
+async def test_a_model_error_fails_the_batch_steps_and_changes_nothing(
+    make_store: Callable[[], StateStore], namespace: str, lstm
+) -> None:
+    _, step = lstm
+    flaky = FailingOnce(step)
+    xs = np.random.default_rng(11).standard_normal((2, FEATURES)).astype("float32")
+    want, _ = offline_run(step, xs)
+    async with SessionEngine(make_store(), namespace=namespace) as engine:
+        engine.load_model("lstm", "1", flaky)  # type: ignore[arg-type]
+        await engine.start("lstm", "a")
+        first = await engine.step("lstm", "a", [xs[0]], seq=0, request_id="a0")
+        flaky.fail_next = True
+        with pytest.raises(Internal, match="step failed") as info:
+            await engine.step("lstm", "a", [xs[1]], seq=1, request_id="a1")
+        assert isinstance(info.value.__cause__, RuntimeError)
+        assert (await engine.get("lstm", "a")).seq == 1
+        second = await engine.step("lstm", "a", [xs[1]], seq=1, request_id="a1")
+        np.testing.assert_allclose([first.outputs[0], second.outputs[0]], want, atol=ATOL)
