@@ -281,6 +281,9 @@ def test_health_and_server_metadata(client: tc.InferenceServerClient) -> None:
     assert metadata.name == "rnnserve"
     assert "sequence" in metadata.extensions
     assert client.get_server_metadata(as_json=True)["name"] == "rnnserve"
+    with pytest.raises(InferenceServerException) as info:  # an RPC rnnserve does not serve
+        client.get_inference_statistics("lstm")
+    assert info.value.status() == "StatusCode.UNIMPLEMENTED"
 
 
 def test_model_metadata_and_config(client: tc.InferenceServerClient) -> None:
@@ -530,9 +533,9 @@ def test_scalar_input_as_shape_1_or_1x1(client: tc.InferenceServerClient, repo: 
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_uint64_ids_beyond_int64_and_int64_bits(address: str) -> None:
+def test_uint64_ids_beyond_int64_and_int64_bits(address: str, repo: Path) -> None:
     """Triton reads an int64 id as the uint64 of the same bits: tritonclient's int64 -1
-    and a raw uint64 2**64 - 1 name one sequence."""
+    and a raw uint64 2**64 - 1 name one sequence. Inputs come as raw bytes or contents."""
     x = np.ones((1, FEATURES), dtype=np.float32)
     with tc.InferenceServerClient(address) as triton:
         triton.infer("lstm", [x_input(x[0])], sequence_id=-1, sequence_start=True)
@@ -548,9 +551,16 @@ def test_uint64_ids_beyond_int64_and_int64_bits(address: str) -> None:
             raw_input_contents=[x.tobytes()],
         )
         request.parameters["sequence_id"].uint64_param = 2**64 - 1
-        request.parameters["sequence_end"].bool_param = True
         response = stub.ModelInfer(request)  # the second step of the same sequence
         assert [o.name for o in response.outputs] == ["y"]
+        # The same input as typed `contents` instead of raw bytes.
+        del request.raw_input_contents[:]
+        request.inputs[0].contents.fp32_contents.extend(x[0].tolist())
+        request.parameters["sequence_end"].bool_param = True
+        again = stub.ModelInfer(request)
+        want = reference(repo, "lstm", np.ones((1, 3, FEATURES), dtype=np.float32))[0]
+        got = [np.frombuffer(r.raw_output_contents[0], "<f4") for r in (response, again)]
+        np.testing.assert_allclose(got, want[1:], rtol=1e-4, atol=1e-5)
         with pytest.raises(grpc.RpcError) as info:
             stub.ModelInfer(request)  # ended
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
