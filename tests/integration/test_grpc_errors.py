@@ -279,7 +279,7 @@ def test_unavailable_when_the_store_is_down(lstm_repo: Path) -> None:
             error = rpc_error(
                 stub.StartSession, pb.StartSessionRequest(model="lstm", session_id="s")
             )
-            assert_status(error, grpc.StatusCode.UNAVAILABLE, "redis", "failed")
+            assert_status(error, grpc.StatusCode.UNAVAILABLE, "redis SET failed")
             error = rpc_error(stub.Step, step_request("s"))
             assert_status(error, grpc.StatusCode.UNAVAILABLE, "redis")
             # Metadata does not need the store.
