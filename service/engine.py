@@ -90,7 +90,19 @@ MAX_REQUEST_ID_LENGTH = 256
 
 @dataclass(frozen=True, kw_only=True)
 class RunnerConfig:
-    """How one model version is served (from the model repository's config)."""
+    """How one model version is served (from the model repository's config).
+
+    - `max_batch_size`, `max_queue_delay_s`, `max_queue_size`, `max_batches_in_flight`,
+      `idle_dispatch`: the `DynamicBatcher`'s limits (a batch waits up to the delay for
+      more steps only while another batch is running, with `idle_dispatch`).
+    - `compute_threads`: executor threads for the model step (1: batches in flight
+      overlap store I/O with compute, but never run two steps at once).
+    - `idle_timeout_s`: a session's TTL in the store, refreshed by every step.
+    - `states_float16`: store floating states as float16 (half the bytes).
+    - `max_cas_retries`: how often a step that lost the compare-and-set to another
+      writer is reloaded and retried before it fails with `ConcurrentUpdate`.
+    - `max_sequence_length`: the most steps one `run_sequence` may take.
+    """
 
     max_batch_size: int = 256
     max_queue_delay_s: float = 0.002
