@@ -155,6 +155,8 @@ class RnnserveServer:
             logger.info("repository: %s", line)
         if settings.repository_poll_s > 0:
             self._poller = asyncio.ensure_future(self.repository.poll(settings.repository_poll_s))
+        if self._interceptor is not None:
+            self._interceptor.start_serving()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._ready = True
         logger.info("serving %d model(s)", len(self.repository.catalog.models))

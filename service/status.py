@@ -27,7 +27,13 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from rnnserve.service.errors import InvalidArgument, RnnserveError, ShuttingDown, Unauthenticated
+from rnnserve.service.errors import (
+    InvalidArgument,
+    RnnserveError,
+    ShuttingDown,
+    Unauthenticated,
+    Unavailable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +48,16 @@ request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar(
 
 # Probes must work without a token.
 UNAUTHENTICATED_SERVICES = ("/grpc.health.v1.Health/",)
+# Answered while the models load (probes, reflection, Triton's liveness/readiness);
+# everything else is UNAVAILABLE until then, which clients retry.
+STARTUP_METHODS = (
+    *UNAUTHENTICATED_SERVICES,
+    "/grpc.reflection.",
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+    "/inference.GRPCInferenceService/ModelReady",
+    "/inference.GRPCInferenceService/ServerMetadata",
+)
 
 
 def status_code(exc: RnnserveError) -> grpc.StatusCode:
@@ -119,8 +135,13 @@ class StatusInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, auth: TokenAuth | None, default_namespace: str) -> None:
         self._auth = auth
         self._default_namespace = default_namespace
+        self._serving = False
         self._draining = False
         self._calls = _CallCounter()
+
+    def start_serving(self) -> None:
+        """The models are loaded: accept every call (until `start_draining`)."""
+        self._serving = True
 
     def start_draining(self) -> None:
         """From now on refuse new calls (health excepted) with UNAVAILABLE."""
@@ -157,6 +178,8 @@ class StatusInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         probe = details.method.startswith(UNAUTHENTICATED_SERVICES)
         if self._draining and not probe:
             failure = ShuttingDown("the server is draining (shutting down); retry elsewhere")
+        elif not self._serving and not details.method.startswith(STARTUP_METHODS):
+            failure = Unavailable("the server is starting (loading models); retry shortly")
         elif self._auth is not None and not probe:
             try:
                 namespace = self._auth.namespace_for(metadata)

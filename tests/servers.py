@@ -197,9 +197,11 @@ def spawn_server(
 
 
 def _drain(process: subprocess.Popen[str]) -> None:
+    """Read the server's output until it exits (so it never blocks on a full pipe)."""
     assert process.stdout is not None
-    for _ in process.stdout:
-        pass
+    with process.stdout:
+        for _ in process.stdout:
+            pass
 
 
 def unique(prefix: str = "s") -> str:

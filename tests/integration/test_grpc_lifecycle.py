@@ -76,6 +76,12 @@ async def test_health_not_serving_while_loading_serving_after_not_serving_on_dra
             assert await _statuses(health) == [NOT_SERVING] * 3
             kserve = kserve_grpc.GRPCInferenceServiceStub(channel)
             assert not (await kserve.ServerReady(kserve_pb.ServerReadyRequest())).ready
+            # Until the models are loaded, calls that need them are UNAVAILABLE (which
+            # clients retry), not NOT_FOUND.
+            with pytest.raises(aio.AioRpcError) as early:
+                await pb_grpc.RecurrentStub(channel).ListModels(pb.ListModelsRequest())
+            assert early.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "starting" in (early.value.details() or "")
 
             loading.release()
             assert await starting == server.port
