@@ -1,0 +1,44 @@
+"""The benchmark models, written as an rnnserve model repository.
+
+`lstm256` is the reference (LSTM(256) over 64 features + Dense(64), the model of
+`bench_core.py` and `bench_engine.py`); `gru256` swaps the LSTM for a GRU; `stacked` is a
+small two-layer model (LSTM(64) -> GRU(64) -> Dense(64)). Weights are seeded, so every peer
+(including the Triton peer, via `triton_peer/export_weights.py`) computes the same thing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+FEATURES = 64
+OUTPUTS = 64
+MODELS = ("lstm256", "gru256", "stacked")
+
+
+def build(name: str):  # -> keras.Model
+    import keras
+
+    keras.utils.set_random_seed(0)
+    layers: list = [keras.Input((None, FEATURES), name="x")]
+    if name == "lstm256":
+        layers.append(keras.layers.LSTM(256, return_sequences=True, name="lstm"))
+    elif name == "gru256":
+        layers.append(keras.layers.GRU(256, return_sequences=True, name="gru"))
+    elif name == "stacked":
+        layers.append(keras.layers.LSTM(64, return_sequences=True, name="lstm"))
+        layers.append(keras.layers.GRU(64, return_sequences=True, name="gru"))
+    else:
+        raise ValueError(f"unknown benchmark model {name!r}; one of {MODELS}")
+    layers.append(keras.layers.Dense(OUTPUTS, name="y"))
+    return keras.Sequential(layers, name=name)
+
+
+def write_repository(root: Path, names: tuple[str, ...] = MODELS) -> Path:
+    """`root/<name>/1/model.keras` for each model (skipped when already there)."""
+    for name in names:
+        path = root / name / "1" / "model.keras"
+        if path.exists():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        build(name).save(path)
+    return root
