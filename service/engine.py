@@ -102,6 +102,9 @@ class RunnerConfig:
     - `max_cas_retries`: how often a step that lost the compare-and-set to another
       writer is reloaded and retried before it fails with `ConcurrentUpdate`.
     - `max_sequence_length`: the most steps one `run_sequence` may take.
+    - `reject_nonfinite`: floating inputs, constants and initial states holding NaN or
+      +-Inf are INVALID_ARGUMENT (one such step would poison the session's state for
+      good); False lets them through to the model.
     """
 
     max_batch_size: int = 256
@@ -114,6 +117,7 @@ class RunnerConfig:
     states_float16: bool = False
     max_cas_retries: int = 16
     max_sequence_length: int = 100_000
+    reject_nonfinite: bool = True
 
 
 @dataclass
@@ -197,6 +201,14 @@ def _check_tensors(
         # np.asarray keeps 0-d arrays 0-d (ascontiguousarray would make them 1-d).
         checked.append(np.asarray(array, dtype=dtype, order="C"))
     return checked
+
+
+def _check_finite(arrays: Sequence[np.ndarray], specs: Sequence[TensorSpec], role: str) -> None:
+    for spec, array in zip(specs, arrays, strict=True):
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise InvalidArgument(
+                f"{role} {spec.name!r} holds NaN or infinite values (nonfinite_inputs=reject)"
+            )
 
 
 class ModelRunner:
@@ -517,6 +529,10 @@ class SessionEngine:
         states = (
             None if initial_states is None else _check_tensors(initial_states, sig.states, "state")
         )
+        if runner.config.reject_nonfinite:
+            _check_finite(consts, sig.constants, "constant")
+            if states is not None:
+                _check_finite(states, sig.states, "state")
         now = time.time()
         raw = runner.new_record(constants=consts, states=states, now=now)
         await self.store.put(key, raw, runner.config.idle_timeout_s)
@@ -543,6 +559,8 @@ class SessionEngine:
         runner = self.runner(model, version)
         key = self._key(model, session_id, namespace)
         arrays = _check_tensors(inputs, runner.signature.inputs, "input")
+        if runner.config.reject_nonfinite:
+            _check_finite(arrays, runner.signature.inputs, "input")
         if seq is not None and seq < 0:
             raise InvalidArgument(f"seq must be >= 0, got {seq}")
         rid = self._request_id(request_id)
@@ -616,6 +634,8 @@ class SessionEngine:
                 f"a sequence needs 1 to {runner.config.max_sequence_length} steps, got {length}"
             )
         arrays = _check_tensors(inputs, specs, "input", leading=(length,))
+        if runner.config.reject_nonfinite:
+            _check_finite(arrays, specs, "input")
         if seq is not None and seq < 0:
             raise InvalidArgument(f"seq must be >= 0, got {seq}")
         base_rid = self._request_id(request_id)
@@ -690,6 +710,10 @@ class SessionEngine:
                 if initial_states is None
                 else _check_tensors(initial_states, sig.states, "state")
             )
+            if runner.config.reject_nonfinite:
+                _check_finite([c[0] for c in consts], sig.constants, "constant")
+                if states is not None:
+                    _check_finite(states, sig.states, "state")
             now = time.time()
             new = runner.new_record(
                 constants=[c[0] for c in consts], states=states, now=now, created_at=view.created_at

@@ -62,6 +62,7 @@ class ModelConfigFile(BaseModel):
             max_sequence_length=pick(self.max_sequence_length, settings.max_sequence_length),
             idle_timeout_s=pick(self.idle_timeout_s, settings.idle_timeout_s),
             states_float16=pick(self.state_dtype, settings.state_dtype) == "float16",
+            reject_nonfinite=settings.nonfinite_inputs == "reject",
         )
 
 

@@ -34,7 +34,7 @@ from rnnserve.service.servicers.kserve import InferenceServicer
 from rnnserve.service.servicers.native import RecurrentServicer
 from rnnserve.service.settings import Settings
 from rnnserve.service.status import StatusInterceptor, TokenAuth
-from rnnserve.service.store import MemoryStore, RedisStore, StateStore
+from rnnserve.service.store import MemoryStore, RedisClusterStore, RedisStore, StateStore
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ SERVER_NAME = "rnnserve"
 
 
 def make_store(settings: Settings) -> StateStore:
+    if settings.redis_url and settings.redis_cluster:
+        return RedisClusterStore.from_url(settings.redis_url)
     if settings.redis_url:
         return RedisStore.from_url(settings.redis_url)
     return MemoryStore()

@@ -52,11 +52,17 @@ class Settings(BaseSettings):
     state_dtype: Literal["float32", "float16"] = Field(
         "float32", description="default dtype of stored float states"
     )
+    nonfinite_inputs: Literal["allow", "reject"] = Field(
+        "reject", description="NaN/Inf in float inputs, constants, initial states: reject or allow"
+    )
     warmup: bool = Field(True, description="compile every batch bucket before serving")
 
     # -- state store -----------------------------------------------------------------
     redis_url: str | None = Field(
         None, description="redis://host:port/db; unset: the embedded memory store"
+    )
+    redis_cluster: bool = Field(
+        False, description="redis_url is a node of a Redis Cluster (Redis >= 7)"
     )
     namespace: str = Field("default", description="key namespace when auth is off")
 

@@ -1,14 +1,24 @@
 """State stores: where session records live between steps.
 
 One interface (`StateStore`), two backends: `MemoryStore` (embedded, one process)
-and `RedisStore` (redis-py asyncio + hiredis). Both give the same semantics, which
+and Redis: `RedisStore` (standalone or Sentinel, redis-py asyncio + hiredis) and
+`RedisClusterStore` (Redis Cluster: keys grouped by node, one call per node). Both give the same semantics, which
 the contract tests check on each: `load_many` and `commit_many` are one round trip
 per batch, and `commit_many` is a compare-and-set per session on the record's
 `seq` + incarnation bytes (`rnnserve.service.record.CAS_TOKEN_SLICE`).
 """
 
 from ._base import Commit, StateStore, session_key
+from ._cluster import RedisClusterStore
 from ._memory import MemoryStore
 from ._redis import COMMIT_SCRIPT, RedisStore
 
-__all__ = ["COMMIT_SCRIPT", "Commit", "MemoryStore", "RedisStore", "StateStore", "session_key"]
+__all__ = [
+    "COMMIT_SCRIPT",
+    "Commit",
+    "MemoryStore",
+    "RedisClusterStore",
+    "RedisStore",
+    "StateStore",
+    "session_key",
+]

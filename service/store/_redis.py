@@ -6,8 +6,8 @@ batch's commit lands whole or not at all; if its reply is lost (timeout, connect
 reset) the caller cannot tell which, and reports `StoreUnavailable` (the engine
 detects its own commit on the next load by the stored request id).
 
-Redis Cluster is not handled here yet: it needs keys grouped by hash slot, one
-script call per node.
+Redis Cluster is `RedisClusterStore` (`_cluster.py`): keys grouped by node, one
+load script and one commit script call per node per batch.
 """
 
 from __future__ import annotations
