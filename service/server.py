@@ -117,7 +117,7 @@ class RnnserveServer:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", int(settings.reuse_port)),
             ],
         )
         pb_grpc.add_RecurrentServicer_to_server(  # type: ignore[no-untyped-call]

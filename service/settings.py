@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     # -- network ---------------------------------------------------------------------
     host: str = Field("0.0.0.0", description="address the gRPC server binds")
     port: int = Field(8001, ge=0, le=65535, description="gRPC port (0: pick a free one)")
+    reuse_port: bool = Field(
+        False, description="SO_REUSEPORT: several server processes share the port (Redis store)"
+    )
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="Prometheus /metrics HTTP port (unset: no endpoint)"
     )
