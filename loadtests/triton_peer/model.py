@@ -65,7 +65,9 @@ class TritonPythonModel:
         cs = np.zeros((size, self.units), np.float32)
         for i, request in enumerate(requests):
             xs.append(pb_utils.get_input_tensor_by_name(request, "x").as_numpy().reshape(-1))
-            corrid = int(pb_utils.get_input_tensor_by_name(request, "CORRID").as_numpy().reshape(-1)[0])
+            corrid = int(
+                pb_utils.get_input_tensor_by_name(request, "CORRID").as_numpy().reshape(-1)[0]
+            )
             start = pb_utils.get_input_tensor_by_name(request, "START").as_numpy().reshape(-1)[0]
             end = pb_utils.get_input_tensor_by_name(request, "END").as_numpy().reshape(-1)[0]
             state = None if start else self.states.get(corrid)

@@ -1,0 +1,241 @@
+"""gRPC load test: rnnserve against an echo ceiling, its unbatched self and a real Triton.
+
+    .venv/bin/python loadtests/bench_grpc.py \\
+        [--peers echo unbatched memory redis redis-x2 triton] \\
+        [--modes step stream runseq kserve kserve-stream] [--sessions 16 64 256 1024] \\
+        [--model lstm256] [--duration 5] [--warmup 1.5] [--workers 2] [--update-docs]
+
+Every peer is started by this script in the same run, measured on every (mode, sessions)
+point it serves, then stopped, so the peers never compete with each other. The load
+generator runs in `--workers` processes of its own (asyncio loops of ping-ponging
+sessions, see `harness/load.py`). `triton` needs `bash loadtests/triton_peer/setup.sh`
+first (a separate venv); `redis*` need a Redis at `--redis-url`.
+
+Writes `<out>/bench_grpc.json`, `<out>/bench_grpc.md` and two PNG plots (throughput,
+p50/p99 latency vs sessions); with `--update-docs` puts the table, plots and this exact
+command into `docs/benchmarks.md` (between the `bench_grpc` markers). A live progress line
+goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import queue
+import random
+import shlex
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loadtests.harness.load import MODES, Job, Result, worker_main
+from loadtests.harness.peers import ROOT, Peer, build_peers
+from loadtests.harness.report import summarize, write_outputs
+
+PEERS = ("echo", "unbatched", "memory", "redis", "triton")
+
+
+class Workers:
+    """`count` load-generator processes, started once, given one point at a time."""
+
+    def __init__(self, count: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.count = count
+        self.jobs = [ctx.Queue() for _ in range(count)]
+        self.results: Any = ctx.Queue()
+        self.ready: Any = ctx.Queue()
+        self.counters = [ctx.RawValue("q", 0) for _ in range(count)]
+        self.start_value = ctx.RawValue("d", 0.0)
+        self.go = ctx.Event()
+        self.processes = [
+            ctx.Process(
+                target=worker_main,
+                args=(
+                    self.jobs[i],
+                    self.results,
+                    self.counters[i],
+                    self.ready,
+                    self.start_value,
+                    self.go,
+                ),
+                daemon=True,
+            )
+            for i in range(count)
+        ]
+        for process in self.processes:
+            process.start()
+
+    def run(self, jobs: list[Job], label: str, peer: Peer) -> list[Result]:
+        self.go.clear()
+        while True:  # leftovers of a failed point
+            try:
+                self.ready.get_nowait()
+            except queue.Empty:
+                break
+        for q, job in zip(self.jobs, jobs, strict=True):
+            q.put(job)
+        for _ in jobs:
+            self.ready.get(timeout=300)
+        start_at = time.time() + 0.3
+        self.start_value.value = start_at
+        self.go.set()
+        job = jobs[0]
+        end = start_at + job.warmup_s + job.duration_s
+        last_t, last_n = time.time(), 0
+        results: list[Result] = []
+        while len(results) < len(jobs):
+            try:
+                results.append(self.results.get(timeout=0.5))
+                continue
+            except queue.Empty:
+                pass
+            now = time.time()
+            done = sum(c.value for c in self.counters)
+            rate = (done - last_n) / max(now - last_t, 1e-9)
+            last_t, last_n = now, done
+            phase = "warmup" if now < start_at + job.warmup_s else "measure"
+            if now > end:
+                phase = "draining"
+            sys.stderr.write(
+                f"\r  {label:<44} {phase:<8} {max(0.0, end - now):5.1f}s left "
+                f"{rate:>9,.0f} steps/s  {done:>9,} steps  "
+            )
+            sys.stderr.flush()
+            if not peer.alive():
+                raise RuntimeError(f"peer {peer.name} died:\n{peer.log_tail()}")
+        sys.stderr.write("\r" + " " * 110 + "\r")
+        return results
+
+    def close(self) -> None:
+        for q in self.jobs:
+            q.put(None)
+        for process in self.processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+
+
+def _split(total: int, parts: int) -> list[tuple[int, int]]:
+    """(count, first index) per worker."""
+    base, extra = divmod(total, parts)
+    out, first = [], 0
+    for i in range(parts):
+        n = base + (1 if i < extra else 0)
+        out.append((n, first))
+        first += n
+    return out
+
+
+def _loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--peers", nargs="+", default=list(PEERS))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--sessions", nargs="+", type=int, default=[16, 64, 256, 1024])
+    parser.add_argument("--model", default="lstm256", choices=("lstm256", "gru256", "stacked"))
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per point")
+    parser.add_argument("--warmup", type=float, default=1.5, help="unmeasured seconds first")
+    parser.add_argument("--workers", type=int, default=2, help="load-generator processes")
+    parser.add_argument("--chunk", type=int, default=16, help="steps per RunSequence call")
+    parser.add_argument("--stream-width", type=int, default=64, help="sessions per stream")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--repository", type=Path, default=ROOT / "build" / "bench-models")
+    parser.add_argument("--triton-venv", type=Path, default=ROOT / ".venv-triton")
+    parser.add_argument("--out", type=Path, default=ROOT / "build" / "bench_grpc")
+    parser.add_argument("--update-docs", action="store_true", help="write docs/benchmarks.md")
+    args = parser.parse_args()
+
+    command = ".venv/bin/python loadtests/bench_grpc.py " + shlex.join(sys.argv[1:])
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from loadtests.harness.models import write_repository
+
+    write_repository(args.repository, (args.model,))
+    peers = build_peers(args.peers, args.repository, args.redis_url, args.triton_venv)
+    workers = Workers(args.workers)
+    started = time.time()
+    meta: dict[str, Any] = {
+        "command": command,
+        "started_unix": started,
+        "host": {
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "loadavg_before": _loadavg(),
+        "model": args.model,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "workers": args.workers,
+        "chunk": args.chunk,
+        "stream_width": args.stream_width,
+    }
+    points: list[dict[str, Any]] = []
+    try:
+        for peer in peers:
+            modes = [m for m in args.modes if peer.serves(m, args.model)]
+            if not modes:
+                continue
+            print(f"{peer.name}: starting", file=sys.stderr)
+            peer.start()
+            try:
+                for mode in modes:
+                    for sessions in args.sessions:
+                        run_id = f"b{uuid.uuid4().hex[:10]}"
+                        sequence_base = random.randrange(1, 2**40) << 16
+                        parts = _split(sessions, min(args.workers, sessions))
+                        jobs = [
+                            Job(
+                                address=peer.address,
+                                mode=mode,
+                                model=args.model,
+                                sessions=n,
+                                first_session=first,
+                                run_id=run_id,
+                                warmup_s=args.warmup,
+                                duration_s=args.duration,
+                                chunk=args.chunk,
+                                stream_width=args.stream_width,
+                                sequence_base=sequence_base,
+                            )
+                            for n, first in parts
+                        ]
+                        label = f"{peer.name} {mode} {sessions} sessions"
+                        results = workers.run(jobs, label, peer)
+                        point = summarize(peer.name, mode, sessions, args.duration, results)
+                        point["loadavg"] = _loadavg()
+                        points.append(point)
+                        print(
+                            f"  {label:<44} {point['steps_per_s']:>9,.0f} steps/s  "
+                            f"p50 {point['p50_ms']:7.1f} ms  p99 {point['p99_ms']:7.1f} ms"
+                            + (f"  errors {point['errors']}" if point["errors"] else ""),
+                            file=sys.stderr,
+                        )
+                        if point["first_error"]:
+                            print(f"    first error: {point['first_error'][:300]}", file=sys.stderr)
+            finally:
+                peer.stop()
+    finally:
+        workers.close()
+        for peer in peers:
+            peer.stop()
+    meta["loadavg_after"] = _loadavg()
+    meta["elapsed_s"] = round(time.time() - started, 1)
+    paths = write_outputs(meta, points, args.out, update_docs=args.update_docs)
+    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=1), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

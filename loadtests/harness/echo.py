@@ -1,0 +1,122 @@
+"""An echo gRPC server with rnnserve's messages: the transport ceiling of one Python process.
+
+    .venv/bin/python -m loadtests.harness.echo --port 8102
+
+It serves `rnnserve.v1.Recurrent` (StartSession, Step, StepStream, RunSequence, EndSession)
+and KServe `ModelInfer` / `ModelStreamInfer` on a `grpc.aio` server with the same options
+as rnnserve's, and answers each request at once with a reply of the same size as the
+benchmark models' (one float32 output `y` of 64 values per step): no model, no state, no
+batching. Whatever a peer does beyond this costs it throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+from grpc import aio
+
+from rnnserve.service._generated.inference import grpc_service_pb2 as kpb
+from rnnserve.service._generated.inference import grpc_service_pb2_grpc as kpb_grpc
+from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
+from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
+
+OUTPUTS = 64
+_Y = np.zeros(OUTPUTS, np.float32).tobytes()
+
+
+class EchoRecurrent(pb_grpc.RecurrentServicer):  # type: ignore[misc]
+    async def StartSession(self, request: Any, context: Any) -> Any:
+        return pb.StartSessionResponse(
+            session=pb.SessionInfo(session_id=request.session_id, model=request.model)
+        )
+
+    async def EndSession(self, request: Any, context: Any) -> Any:
+        return pb.EndSessionResponse(existed=True)
+
+    def _reply(self, request: Any) -> Any:
+        return pb.StepResponse(
+            session_id=request.session_id,
+            seq=request.seq + 1,
+            request_id=request.request_id,
+            outputs=[pb.Tensor(name="y", dtype="float32", shape=[OUTPUTS], data=_Y)],
+        )
+
+    async def Step(self, request: Any, context: Any) -> Any:
+        return self._reply(request)
+
+    async def StepStream(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+        async for request in requests:
+            yield self._reply(request)
+
+    async def RunSequence(self, request: Any, context: Any) -> Any:
+        steps = int(request.inputs[0].shape[0]) if request.inputs else 1
+        return pb.RunSequenceResponse(
+            session_id=request.session_id,
+            seq=request.seq + steps,
+            outputs=[pb.Tensor(name="y", dtype="float32", shape=[steps, OUTPUTS], data=_Y * steps)],
+        )
+
+
+def _infer_response(request: Any) -> Any:
+    return kpb.ModelInferResponse(
+        model_name=request.model_name,
+        model_version="1",
+        id=request.id,
+        outputs=[
+            kpb.ModelInferResponse.InferOutputTensor(name="y", datatype="FP32", shape=[1, OUTPUTS])
+        ],
+        raw_output_contents=[_Y],
+    )
+
+
+class EchoInference(kpb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return kpb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return kpb.ServerReadyResponse(ready=True)
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        return kpb.ModelReadyResponse(ready=True)
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        return _infer_response(request)
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[Any], context: Any
+    ) -> AsyncIterator[Any]:
+        async for request in requests:
+            yield kpb.ModelStreamInferResponse(infer_response=_infer_response(request))
+
+
+async def serve(host: str, port: int) -> None:
+    server = aio.server(
+        options=[
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.max_send_message_length", 16 * 1024 * 1024),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    pb_grpc.add_RecurrentServicer_to_server(EchoRecurrent(), server)  # type: ignore[no-untyped-call]
+    kpb_grpc.add_GRPCInferenceServiceServicer_to_server(EchoInference(), server)  # type: ignore[no-untyped-call]
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    print(f"echo listening on port {bound} (pid {os.getpid()})", flush=True)
+    await server.wait_for_termination()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    asyncio.run(serve(args.host, args.port))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""Benchmark output: per-point summary, JSON, Markdown tables, PNG plots, docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loadtests.harness.load import Result
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = ROOT / "docs" / "benchmarks.md"
+DOC_IMG = ROOT / "docs" / "img"
+BEGIN, END = "<!-- bench_grpc:begin -->", "<!-- bench_grpc:end -->"
+MODE_TITLES = {
+    "step": "native unary Step",
+    "stream": "native bidi StepStream",
+    "runseq": "native RunSequence (chunks)",
+    "kserve": "KServe v2 ModelInfer (tritonclient aio)",
+    "kserve-stream": "KServe v2 ModelStreamInfer (tritonclient aio)",
+}
+
+
+def summarize(
+    peer: str, mode: str, sessions: int, duration_s: float, results: list[Result]
+) -> dict[str, Any]:
+    latencies = np.concatenate([np.asarray(r.latencies_ms, dtype=float) for r in results])
+    steps = sum(r.steps for r in results)
+
+    def pct(q: float) -> float:
+        return float(np.percentile(latencies, q)) if latencies.size else float("nan")
+
+    return {
+        "peer": peer,
+        "mode": mode,
+        "sessions": sessions,
+        "steps": steps,
+        "calls": sum(r.calls for r in results),
+        "steps_per_s": steps / duration_s,
+        "p50_ms": pct(50),
+        "p90_ms": pct(90),
+        "p99_ms": pct(99),
+        "errors": sum(r.errors for r in results),
+        "first_error": next((r.first_error for r in results if r.first_error), ""),
+    }
+
+
+def _index(points: list[dict[str, Any]]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    return {(p["peer"], p["mode"], p["sessions"]): p for p in points}
+
+
+def _order(values: list[str], preferred: list[str]) -> list[str]:
+    seen = list(dict.fromkeys(values))
+    return sorted(seen, key=lambda v: preferred.index(v) if v in preferred else len(preferred))
+
+
+def markdown(meta: dict[str, Any], points: list[dict[str, Any]], img_prefix: str) -> str:
+    index = _index(points)
+    peers = _order([p["peer"] for p in points], ["echo", "unbatched", "memory", "redis"])
+    modes = _order([p["mode"] for p in points], list(MODE_TITLES))
+    sessions = sorted({p["sessions"] for p in points})
+    lines = [
+        f"    {meta['command']}",
+        "",
+        f"Model `{meta['model']}`; {meta['workers']} load-generator processes; "
+        f"{meta['warmup_s']:g} s warm-up + {meta['duration_s']:g} s measured per point; "
+        f"RunSequence chunks of {meta['chunk']} steps (latency is per call); "
+        f"{meta['stream_width']} sessions per stream. Load average before / after: "
+        f"{meta['loadavg_before']} / {meta['loadavg_after']} on {meta['host']['cpus']} CPUs "
+        f"({meta['host']['machine']}, Python {meta['host']['python']}); run took "
+        f"{meta['elapsed_s']:.0f} s. Cells: steps/s, then p50 / p99 latency in ms.",
+        "",
+    ]
+    for mode in modes:
+        mode_peers = [p for p in peers if any((p, mode, s) in index for s in sessions)]
+        lines.append(f"**{MODE_TITLES.get(mode, mode)}**")
+        lines.append("")
+        lines.append("| sessions | " + " | ".join(mode_peers) + " |")
+        lines.append("|---:|" + "---:|" * len(mode_peers))
+        for s in sessions:
+            cells = []
+            for peer in mode_peers:
+                p = index.get((peer, mode, s))
+                if p is None:
+                    cells.append("")
+                    continue
+                err = f" ({p['errors']} err)" if p["errors"] else ""
+                cells.append(
+                    f"{p['steps_per_s']:,.0f} · {p['p50_ms']:.1f} / {p['p99_ms']:.1f}{err}"
+                )
+            lines.append(f"| {s} | " + " | ".join(cells) + " |")
+        lines.append("")
+    ratios = target_ratios(points)
+    if ratios:
+        lines.append("| ratio (same run) | value |")
+        lines.append("|---|---:|")
+        for name, value in ratios:
+            lines.append(f"| {name} | {value:.2f}x |")
+        lines.append("")
+    lines.append(f"![throughput vs sessions]({img_prefix}bench_grpc_throughput.png)")
+    lines.append(f"![p50 and p99 latency vs sessions]({img_prefix}bench_grpc_latency.png)")
+    return "\n".join(lines) + "\n"
+
+
+def target_ratios(points: list[dict[str, Any]]) -> list[tuple[str, float]]:
+    index = _index(points)
+    out: list[tuple[str, float]] = []
+
+    def rate(peer: str, mode: str, s: int) -> float | None:
+        p = index.get((peer, mode, s))
+        return p["steps_per_s"] if p and p["steps_per_s"] > 0 else None
+
+    def add(name: str, a: float | None, b: float | None) -> None:
+        if a is not None and b is not None:
+            out.append((name, a / b))
+
+    redis_peers = sorted({p["peer"] for p in points if p["peer"].startswith("redis")})
+    for peer in redis_peers:
+        add(
+            f"{peer} / echo, stream, 256 sessions",
+            rate(peer, "stream", 256),
+            rate("echo", "stream", 256),
+        )
+    for peer in ("memory", *redis_peers):
+        for mode in ("stream", "step"):
+            add(
+                f"{peer} / unbatched, {mode}, 256 sessions",
+                rate(peer, mode, 256),
+                rate("unbatched", mode, 256),
+            )
+    for peer in ("memory", *redis_peers):
+        for mode in ("kserve", "kserve-stream"):
+            for s in (64, 256):
+                add(
+                    f"{peer} / triton, {mode}, {s} sessions",
+                    rate(peer, mode, s),
+                    rate("triton", mode, s),
+                )
+    return out
+
+
+def plots(points: list[dict[str, Any]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    index = _index(points)
+    peers = _order([p["peer"] for p in points], ["echo", "unbatched", "memory", "redis"])
+    modes = _order([p["mode"] for p in points], list(MODE_TITLES))
+    colors = {peer: f"C{i}" for i, peer in enumerate(peers)}
+    paths = []
+    for kind in ("throughput", "latency"):
+        fig, axes = plt.subplots(
+            1,
+            len(modes),
+            figsize=(4.2 * len(modes), 3.6),
+            squeeze=False,
+            sharey=(kind == "latency"),
+        )
+        for ax, mode in zip(axes[0], modes, strict=True):
+            for peer in peers:
+                rows = sorted(
+                    (p for (pe, mo, _), p in index.items() if pe == peer and mo == mode),
+                    key=lambda p: p["sessions"],
+                )
+                if not rows:
+                    continue
+                xs = [p["sessions"] for p in rows]
+                if kind == "throughput":
+                    ax.plot(
+                        xs, [p["steps_per_s"] for p in rows], "o-", color=colors[peer], label=peer
+                    )
+                else:
+                    ax.plot(
+                        xs,
+                        [p["p99_ms"] for p in rows],
+                        "o-",
+                        color=colors[peer],
+                        label=f"{peer} p99",
+                    )
+                    ax.plot(xs, [p["p50_ms"] for p in rows], "o--", color=colors[peer], alpha=0.6)
+            ax.set_xscale("log", base=2)
+            ax.set_title(MODE_TITLES.get(mode, mode), fontsize=9)
+            ax.set_xlabel("concurrent sessions")
+            if kind == "latency":
+                ax.set_yscale("log")
+            ax.grid(True, alpha=0.3)
+        axes[0][0].set_ylabel(
+            "steps/s" if kind == "throughput" else "latency ms (p99 solid, p50 dashed)"
+        )
+        axes[0][-1].legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"bench_grpc_{kind}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_outputs(
+    meta: dict[str, Any], points: list[dict[str, Any]], out: Path, *, update_docs: bool
+) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(meta["started_unix"]))
+    meta = {**meta, "date": stamp}
+    json_path = out / "bench_grpc.json"
+    json_path.write_text(json.dumps({"meta": meta, "points": points}, indent=1))
+    md_path = out / "bench_grpc.md"
+    md_path.write_text(markdown(meta, points, ""))
+    paths = {"json": json_path, "markdown": md_path}
+    for path in plots(points, out):
+        paths[path.stem] = path
+    if update_docs:
+        DOC_IMG.mkdir(parents=True, exist_ok=True)
+        for name in ("bench_grpc_throughput.png", "bench_grpc_latency.png"):
+            shutil.copy(out / name, DOC_IMG / name)
+        (DOC_IMG / "bench_grpc.json").write_text(json_path.read_text())
+        body = f"Run of {stamp}.\n\n" + markdown(meta, points, "img/")
+        text = DOC.read_text()
+        block = f"{BEGIN}\n{body}{END}"
+        if BEGIN in text and END in text:
+            head, rest = text.split(BEGIN, 1)
+            text = head + block + rest.split(END, 1)[1]
+        else:
+            text = text.rstrip("\n") + "\n\n## gRPC server vs peers\n\n" + block + "\n"
+        DOC.write_text(text)
+        paths["doc"] = DOC
+    return paths
