@@ -249,13 +249,13 @@ class RecurrentModel(_StepGraphLayer):
             )
         return sequences, constants_list, states
 
-    def _batch_and_length(
+    def _batch_source(
         self, sequences: list[Any], constants: list[Any], states: list[Any] | None
-    ) -> tuple[Any, Any]:
-        if sequences:
-            return sequences[0].shape[0], sequences[0].shape[1]
-        for source in (*constants, *(states or [])):
-            return source.shape[0], self.output_length
+    ) -> Any:
+        """A tensor whose axis 0 is the batch: the first sequence, else (decoder) the
+        first constant or initial state."""
+        for source in (*sequences, *constants, *(states or [])):
+            return source
         raise ValueError(
             f"{self.name} is a decoder with neither constants nor initial_state: "
             "pass initial_state so the batch size is known"
@@ -284,7 +284,8 @@ class RecurrentModel(_StepGraphLayer):
         ground_truth: Any = None,
     ) -> Any:
         sequences, constants_list, states = self._arguments(inputs, initial_state, constants)
-        batch, length = self._batch_and_length(sequences, constants_list, states)
+        batch = self._batch_source(sequences, constants_list, states).shape[0]
+        length = sequences[0].shape[1] if sequences else self.output_length
         outputs = [keras.KerasTensor(s, dtype=d) for s, d in self._output_shapes(batch, length)]
         return outputs[0] if len(outputs) == 1 else outputs
 
@@ -312,16 +313,7 @@ class RecurrentModel(_StepGraphLayer):
     ) -> Any:
         layout = self.layout
         sequences, constants_list, states = self._arguments(inputs, initial_state, constants)
-        if sequences:
-            batch = ops.shape(sequences[0])[0]
-        else:
-            source = (constants_list or states or [None])[0]
-            if source is None:
-                raise ValueError(
-                    f"{self.name} is a decoder with neither constants nor initial_state: "
-                    "pass initial_state so the batch size is known"
-                )
-            batch = ops.shape(source)[0]
+        batch = ops.shape(self._batch_source(sequences, constants_list, states))[0]
         if states is None:
             states = self.get_initial_state(batch)
         combined_mask = _combine_masks(mask) if sequences else None
