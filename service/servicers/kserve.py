@@ -33,6 +33,7 @@ from rnnserve.service._generated.inference import model_config_pb2 as config_pb
 from rnnserve.service.engine import SessionEngine
 from rnnserve.service.errors import InvalidArgument, SessionNotFound
 from rnnserve.service.repository import LoadedModel, ModelCatalog
+from rnnserve.service.servicers._streams import answer_concurrently
 from rnnserve.service.status import describe, namespace_var
 
 PLATFORM = "rnnserve_keras"
@@ -307,20 +308,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        replies: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        window = asyncio.Semaphore(STREAM_WINDOW)
-        namespace = namespace_var.get()
         order = _SequenceOrder()
 
-        async def answer(request: pb.ModelInferRequest, turn: _Turn) -> None:
-            namespace_var.set(namespace)
+        async def answer(request: pb.ModelInferRequest, turn: _Turn) -> pb.ModelStreamInferResponse:
             try:
                 await turn.wait()
                 response = await self._infer(request, submitting=turn.submitting)
-                reply = pb.ModelStreamInferResponse(infer_response=response)
+                return pb.ModelStreamInferResponse(infer_response=response)
             except Exception as exc:  # an error answers this request; the stream goes on
                 _, message = describe(exc)
-                reply = pb.ModelStreamInferResponse(
+                return pb.ModelStreamInferResponse(
                     error_message=message,
                     infer_response=pb.ModelInferResponse(
                         model_name=request.model_name,
@@ -330,29 +327,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 )
             finally:
                 turn.finish()
-                window.release()
-            await replies.put(reply)
 
-        async def read() -> None:
-            tasks: set[asyncio.Task[None]] = set()
-            try:
-                async for request in requests:
-                    await window.acquire()
-                    task = asyncio.ensure_future(answer(request, order.turn(request)))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                if tasks:
-                    await asyncio.gather(*tasks)
-            finally:
-                await replies.put(None)
-
-        reader = asyncio.ensure_future(read())
-        try:
-            while (reply := await replies.get()) is not None:
-                yield reply
-            await reader
-        finally:
-            reader.cancel()
+        # `order.turn(request)` runs on arrival: the requests of one sequence take
+        # effect in the order they were sent.
+        async for reply in answer_concurrently(
+            requests, lambda request: answer(request, order.turn(request)), window=STREAM_WINDOW
+        ):
+            yield reply
 
     async def _infer(
         self, request: pb.ModelInferRequest, *, submitting: Callable[[], None] | None = None

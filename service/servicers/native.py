@@ -6,7 +6,6 @@ the engine's business; errors become status codes in `status.py`.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,6 +18,7 @@ from rnnserve.service.engine import SessionEngine, SessionInfo, StepResult
 from rnnserve.service.errors import InvalidArgument
 from rnnserve.service.record import SessionRecord
 from rnnserve.service.repository import ModelCatalog
+from rnnserve.service.servicers._streams import answer_concurrently
 from rnnserve.service.status import describe, namespace_var
 from rnnserve.service.wire import decode_named, encode_named, encode_tensor, spec_message
 
@@ -98,47 +98,19 @@ class RecurrentServicer(pb_grpc.RecurrentServicer):  # type: ignore[misc]
     async def StepStream(
         self, requests: AsyncIterator[pb.StepRequest], context: aio.ServicerContext
     ) -> AsyncIterator[pb.StepResponse]:
-        replies: asyncio.Queue[pb.StepResponse | None] = asyncio.Queue()
-        window = asyncio.Semaphore(STREAM_WINDOW)
-        namespace = namespace_var.get()
-
-        async def answer(request: pb.StepRequest) -> None:
-            namespace_var.set(namespace)
+        async def answer(request: pb.StepRequest) -> pb.StepResponse:
             try:
-                reply = await self._step(request)
+                return await self._step(request)
             except Exception as exc:  # one bad step must not end the stream
                 code, message = describe(exc)
-                reply = pb.StepResponse(
+                return pb.StepResponse(
                     session_id=request.session_id,
                     request_id=request.request_id,
                     error=pb.Error(code=code.value[0], message=message),
                 )
-            finally:
-                window.release()
-            await replies.put(reply)
 
-        async def read() -> None:
-            tasks: set[asyncio.Task[None]] = set()
-            try:
-                async for request in requests:
-                    await window.acquire()
-                    # Tasks start in arrival order and reach the batcher before their
-                    # first await, so steps of one session keep their order.
-                    task = asyncio.ensure_future(answer(request))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                if tasks:
-                    await asyncio.gather(*tasks)
-            finally:
-                await replies.put(None)
-
-        reader = asyncio.ensure_future(read())
-        try:
-            while (reply := await replies.get()) is not None:
-                yield reply
-            await reader
-        finally:
-            reader.cancel()
+        async for reply in answer_concurrently(requests, answer, window=STREAM_WINDOW):
+            yield reply
 
     async def RunSequence(
         self, request: pb.RunSequenceRequest, context: aio.ServicerContext
