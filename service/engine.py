@@ -627,7 +627,13 @@ class SessionEngine:
         specs = runner.signature.inputs
         if not specs:
             raise InvalidArgument(f"model {model!r} has no sequence inputs")
-        first = inputs[specs[0].name] if isinstance(inputs, Mapping) else inputs[0]
+        if isinstance(inputs, Mapping):
+            first = inputs.get(specs[0].name)
+        else:
+            first = inputs[0] if len(inputs) else None
+        if first is None:  # (a KeyError here was answered INTERNAL)
+            _check_tensors(inputs, specs, "input")  # names what is missing or unknown
+            raise InvalidArgument(f"missing input tensor(s) {[specs[0].name]}")
         length = int(np.shape(first)[0]) if np.ndim(first) > 0 else 0
         if not 1 <= length <= runner.config.max_sequence_length:
             raise InvalidArgument(

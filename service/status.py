@@ -209,6 +209,41 @@ class _CallCounter:
             self.idle.set()
 
 
+class _Undecodable:
+    """What a request that is not a valid message of its method decodes to."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """gRPC answers a request it cannot deserialize UNKNOWN (INTERNAL inside a stream,
+    with a logged traceback); the bytes are the client's fault: INVALID_ARGUMENT."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf's DecodeError and friends
+            return _Undecodable(exc)
+
+    return deserialize
+
+
+def _checked(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(f"the request is not a valid message: {request.error}")
+    return request
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _checked(request)
+
+
 def _wrap(
     handler: grpc.RpcMethodHandler,
     namespace: str,
@@ -238,7 +273,9 @@ def _wrap(
             try:
                 if failure is not None:
                     await abort(context, failure)
-                return await behavior(request, context)
+                if handler.stream_unary:
+                    return await behavior(_checked_stream(request), context)
+                return await behavior(_checked(request), context)
             except Exception as exc:
                 if isinstance(exc, aio.AbortError):
                     raise
@@ -253,18 +290,21 @@ def _wrap(
         )
         return factory(
             unary_response,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
     behavior = handler.unary_stream or handler.stream_stream
+
+    def checked(request: Any) -> Any:
+        return _checked_stream(request) if handler.stream_stream else _checked(request)
 
     async def stream_response(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
         enter()
         try:
             if failure is not None:
                 await abort(context, failure)
-            async for item in behavior(request, context):
+            async for item in behavior(checked(request), context):
                 yield item
         except Exception as exc:
             if isinstance(exc, aio.AbortError):
@@ -280,7 +320,7 @@ def _wrap(
         try:
             if failure is not None:
                 await abort(context, failure)
-            await behavior(request, context)
+            await behavior(checked(request), context)
         except Exception as exc:
             if isinstance(exc, aio.AbortError):
                 raise
@@ -295,6 +335,6 @@ def _wrap(
     )
     return factory(
         stream_response if inspect.isasyncgenfunction(behavior) else stream_written,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=_tolerant(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )
