@@ -190,6 +190,11 @@ class DynamicBatcher(Generic[P, R]):
         return self._queued
 
     @property
+    def active_keys(self) -> int:
+        """Keys (sessions) with a request queued or in a batch."""
+        return len(self._active)
+
+    @property
     def in_flight(self) -> int:
         """Batches running now."""
         return len(self._in_flight)

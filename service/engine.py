@@ -62,6 +62,7 @@ from .errors import (
     SessionNotFound,
     ShuttingDown,
 )
+from .metrics import RunnerMetrics, session_ended
 from .record import (
     RecordCodec,
     RecordView,
@@ -228,6 +229,7 @@ class ModelRunner:
         self.signature: StepSignature = step_fn.signature
         self.config = config
         self.stats = RunnerStats()
+        self.metrics = RunnerMetrics(name, version)
         self._store = store
         sig = self.signature
         self.codec = RecordCodec(
@@ -256,8 +258,20 @@ class ModelRunner:
             max_queue_size=config.max_queue_size,
             max_batches_in_flight=config.max_batches_in_flight,
             idle_dispatch=config.idle_dispatch,
+            on_batch=self._after_batch,
             name=f"{name}:{version}",
         )
+
+    def _after_batch(self, size: int, seconds: float) -> None:
+        self.metrics.batcher_state(self.batcher.queued, self.batcher.active_keys)
+
+    def _timed_step(self, *arrays: Any) -> Any:
+        # In the executor: the model step alone, not its wait for the compute thread.
+        started = time.perf_counter()
+        try:
+            return self.step_fn(*arrays)
+        finally:
+            self.metrics.compute.observe(time.perf_counter() - started)
 
     async def aclose(self) -> None:
         await self.batcher.aclose()
@@ -294,12 +308,20 @@ class ModelRunner:
     ) -> list[StepResult | BaseException | Retry]:
         codec = self.codec
         stats = self.stats
+        metrics = self.metrics
         keys = cast(list[str], [r.key for r in batch])
+        started = time.perf_counter()
+        for request in batch:
+            if not request.attempts:
+                metrics.queue.observe(started - request.enqueued_at)
+        metrics.batch_size.observe(len(batch))
         try:
             raws = await self._store.load_many(keys)
         except RnnserveError:
             stats.store_errors += 1
+            metrics.store_errors.inc()
             raise
+        metrics.state_load.observe(time.perf_counter() - started)
         results: list[StepResult | BaseException | Retry] = [RETRY] * len(batch)
         todo: list[int] = []
         views: list[RecordView] = []
@@ -314,6 +336,7 @@ class ModelRunner:
                 results[i] = FailedPrecondition("an earlier step of this sequence failed")
                 continue
             if raw is None:
+                metrics.expired.inc()
                 results[i] = SessionNotFound(
                     f"session {step.session_id!r} of model {self.name!r} does not exist "
                     "(never started, ended, or expired)"
@@ -328,6 +351,7 @@ class ModelRunner:
                 step.seq is None or step.seq == view.seq - 1
             ):
                 stats.replayed += 1
+                metrics.replayed.inc()
                 results[i] = StepResult(
                     codec.unstack_outputs([view.outputs])[0], view.seq, replayed=True
                 )
@@ -336,6 +360,7 @@ class ModelRunner:
                 views.append(view)
             else:
                 stats.seq_conflicts += 1
+                metrics.seq_conflicts.inc()
                 results[i] = SeqConflict(
                     f"session {step.session_id!r} is at seq {view.seq}; "
                     f"the step expected seq {step.seq}",
@@ -351,7 +376,7 @@ class ModelRunner:
         loop = asyncio.get_running_loop()
         try:
             outputs, new_states = await loop.run_in_executor(
-                self._executor, self.step_fn, inputs, constants, states
+                self._executor, self._timed_step, inputs, constants, states
             )
         except Exception as exc:
             logger.exception("model %s:%s step failed", self.name, self.version)
@@ -384,19 +409,24 @@ class ModelRunner:
                 todo, steps, views, output_rows, state_rows, strict=True
             )
         ]
+        committing = time.perf_counter()
         try:
             applied = await self._store.commit_many(commits)
         except RnnserveError as exc:
             stats.store_errors += 1
+            metrics.store_errors.inc()
             for i in todo:
                 results[i] = exc
             return results
+        metrics.state_commit.observe(time.perf_counter() - committing)
         for k, (i, view, ok) in enumerate(zip(todo, views, applied, strict=True)):
             if ok:
                 stats.applied += 1
+                metrics.steps.inc()
                 results[i] = StepResult([o[k] for o in outputs], view.seq + 1)
             elif batch[i].attempts < self.config.max_cas_retries:
                 stats.cas_retries += 1
+                metrics.cas_retries.inc()
                 results[i] = RETRY
             else:
                 results[i] = ConcurrentUpdate(
@@ -536,6 +566,7 @@ class SessionEngine:
         now = time.time()
         raw = runner.new_record(constants=consts, states=states, now=now)
         await self.store.put(key, raw, runner.config.idle_timeout_s)
+        runner.metrics.sessions_started.inc()
         return SessionInfo(
             model, runner.version, session_id, 0, now, now, runner.config.idle_timeout_s
         )
@@ -681,7 +712,10 @@ class SessionEngine:
     async def end(self, model: str, session_id: str, *, namespace: str | None = None) -> bool:
         """Delete the session; True if it existed (ending twice is not an error)."""
         self.runner(model)
-        return await self.store.delete(self._key(model, session_id, namespace))
+        existed = await self.store.delete(self._key(model, session_id, namespace))
+        if existed:
+            session_ended(model)
+        return existed
 
     async def reset(
         self,

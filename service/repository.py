@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rnnserve.core import RecurrentModel, StepFunction, StepSignature, from_keras
 from rnnserve.service.engine import RunnerConfig, SessionEngine
 from rnnserve.service.errors import InvalidArgument, ModelNotFound
+from rnnserve.service.metrics import model_loaded, model_unloaded
 from rnnserve.service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -221,11 +222,13 @@ class ModelRepository:
             load_seconds=time.perf_counter() - started,
         )
         self.catalog.models.setdefault(name, {})[version] = entry
+        model_loaded(name, version, entry.load_seconds)
         logger.info("loaded model %s version %s in %.1fs", name, version, entry.load_seconds)
         return entry
 
     async def _unload(self, name: str, version: str) -> None:
         await self.engine.unload_model(name, version)
+        model_unloaded(name, version)
         versions = self.catalog.models.get(name, {})
         versions.pop(version, None)
         if not versions:

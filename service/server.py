@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 from collections.abc import Sequence
 
@@ -30,6 +31,7 @@ from rnnserve.service._generated.inference import grpc_service_pb2_grpc as kserv
 from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
 from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 from rnnserve.service.engine import SessionEngine
+from rnnserve.service.metrics import MULTIPROC_ENV, MetricsServer, start_metrics_server
 from rnnserve.service.repository import ModelRepository
 from rnnserve.service.servicers.kserve import InferenceServicer
 from rnnserve.service.servicers.native import RecurrentServicer
@@ -102,6 +104,7 @@ class RnnserveServer:
         self._stopping: asyncio.Task[None] | None = None
         self._ready = False
         self._interceptor: StatusInterceptor | None = None
+        self.metrics: MetricsServer | None = None
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         for name in ("", NATIVE_SERVICE, KSERVE_SERVICE):
@@ -111,6 +114,15 @@ class RnnserveServer:
         """Bind, load and warm the models, then report SERVING. Returns the bound port."""
         settings = self.settings
         auth = TokenAuth.from_settings(settings.auth_tokens_file, settings.auth_tokens)
+        if settings.metrics_port is not None and self.metrics is None:
+            # Up before the models load: a scrape during warm-up sees the process.
+            self.metrics = start_metrics_server(
+                settings.host,
+                settings.metrics_port,
+                reuse_port=settings.reuse_port,
+                multiprocess_dir=os.environ.get(MULTIPROC_ENV) or None,
+            )
+            logger.info("metrics on http://%s:%d/metrics", settings.host, self.metrics.port)
         limit = settings.max_message_bytes
         self._interceptor = StatusInterceptor(auth, settings.namespace)
         server = aio.server(
@@ -203,6 +215,8 @@ class RnnserveServer:
             remaining = max(0.0, deadline - asyncio.get_running_loop().time())
             await self._server.stop(remaining)
         await self.engine.aclose()
+        if self.metrics is not None:
+            self.metrics.close()
         self._stopped.set()
         logger.info("stopped")
 

@@ -19,6 +19,7 @@ import asyncio
 import contextvars
 import inspect
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
@@ -34,6 +35,7 @@ from rnnserve.service.errors import (
     Unauthenticated,
     Unavailable,
 )
+from rnnserve.service.metrics import MethodMetrics, request_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +188,14 @@ class StatusInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
             except RnnserveError as exc:
                 failure, namespace = exc, None
         calls = None if probe else self._calls
-        return _wrap(handler, namespace or "", _request_id(metadata), failure, calls)
+        return _wrap(
+            handler,
+            namespace or "",
+            _request_id(metadata),
+            failure,
+            calls,
+            request_metrics(details.method),
+        )
 
 
 class _CallCounter:
@@ -250,19 +259,36 @@ def _wrap(
     request_id: str,
     failure: RnnserveError | None,
     calls: _CallCounter | None,
+    metrics: MethodMetrics | None = None,
 ) -> grpc.RpcMethodHandler:
+    started = 0.0
+    counted = False
+
     def enter() -> None:
+        nonlocal started
         namespace_var.set(namespace)
         request_id_var.set(request_id)
         if calls is not None:
             calls.enter()
+        started = time.perf_counter()
 
-    def leave() -> None:
+    def count(code: str) -> None:
+        # Once per call, before the client can see the status (`abort` sends it at once).
+        nonlocal counted
+        if metrics is not None and not counted:
+            counted = True
+            seconds = time.perf_counter() - started
+            metrics.finished(code, seconds)
+            logger.debug("%s %s %.1fms", metrics.method, code, seconds * 1000)
+
+    def leave(context: aio.ServicerContext) -> None:
         if calls is not None:
             calls.exit()
+        count("CANCELLED" if context.cancelled() else "OK")
 
     async def abort(context: aio.ServicerContext, exc: BaseException) -> None:
         code, message = describe(exc)
+        count(code.name)
         await context.abort(code, message)
 
     if handler.unary_unary or handler.stream_unary:
@@ -281,7 +307,7 @@ def _wrap(
                     raise
                 await abort(context, exc)
             finally:
-                leave()
+                leave(context)
 
         factory = (
             grpc.unary_unary_rpc_method_handler
@@ -311,7 +337,7 @@ def _wrap(
                 raise
             await abort(context, exc)
         finally:
-            leave()
+            leave(context)
 
     async def stream_written(request: Any, context: aio.ServicerContext) -> None:
         # A handler that sends with `context.write()` and returns None (health's Watch)
@@ -326,7 +352,7 @@ def _wrap(
                 raise
             await abort(context, exc)
         finally:
-            leave()
+            leave(context)
 
     factory = (
         grpc.unary_stream_rpc_method_handler
