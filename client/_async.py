@@ -104,12 +104,19 @@ class AsyncClient:
             self._channels[self._current] = channel
         return pb_grpc.RecurrentStub(channel)  # type: ignore[no-untyped-call]
 
-    async def _failover(self, retry: int) -> None:
+    async def _failover(self, retry: int, failed: int | None = None) -> None:
+        """Move past the address that failed (`failed`: its index; default: the current
+        one), then wait the backoff of retry number `retry`. Calls that failed together
+        on one address move on once: each rotating the shared index would send half of
+        them back to the address that failed."""
+        failed = self._current if failed is None else failed
+        if self._current == failed:
+            self._current = (failed + 1) % len(self.addresses)
         await asyncio.sleep(self.retry.backoff_s(retry))
-        self._current = (self._current + 1) % len(self.addresses)
 
     async def _call(self, method: str, request: Any) -> Any:
         for attempt in range(self.retry.attempts):
+            used = self._current
             try:
                 return await getattr(self._stub(), method)(
                     request, timeout=self.timeout, metadata=self._metadata
@@ -117,7 +124,7 @@ class AsyncClient:
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE or attempt == self.retry.attempts - 1:
                     raise from_rpc_error(exc) from exc
-            await self._failover(attempt)
+            await self._failover(attempt, used)
         raise AssertionError("unreachable")
 
     async def aclose(self) -> None:

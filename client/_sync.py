@@ -110,14 +110,19 @@ class Client:
             self._channels[self._current] = channel
         return pb_grpc.RecurrentStub(channel)  # type: ignore[no-untyped-call]
 
-    def _failover(self, retry: int) -> None:
-        """Wait the backoff of retry number `retry`, then move to the next address."""
+    def _failover(self, retry: int, failed: int | None = None) -> None:
+        """Move past the address that failed (`failed`: its index; default: the current
+        one), then wait the backoff of retry number `retry`. Calls (threads) that failed
+        together on one address move on once, instead of rotating back to it."""
+        failed = self._current if failed is None else failed
+        if self._current == failed:
+            self._current = (failed + 1) % len(self.addresses)
         time.sleep(self.retry.backoff_s(retry))
-        self._current = (self._current + 1) % len(self.addresses)
 
     def _call(self, method: str, request: Any) -> Any:
         """A unary call with retries; the same request message is sent every time."""
         for attempt in range(self.retry.attempts):
+            used = self._current
             try:
                 return getattr(self._stub(), method)(
                     request, timeout=self.timeout, metadata=self._metadata
@@ -125,7 +130,7 @@ class Client:
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE or attempt == self.retry.attempts - 1:
                     raise from_rpc_error(exc) from exc
-            self._failover(attempt)
+            self._failover(attempt, used)
         raise AssertionError("unreachable")
 
     def close(self) -> None:
