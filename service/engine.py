@@ -229,7 +229,7 @@ class ModelRunner:
         self.signature: StepSignature = step_fn.signature
         self.config = config
         self.stats = RunnerStats()
-        self.metrics = RunnerMetrics(name, version)
+        self.metrics = RunnerMetrics(name, version, queue_capacity=config.max_queue_size)
         self._store = store
         sig = self.signature
         self.codec = RecordCodec(

@@ -130,6 +130,12 @@ QUEUE_DEPTH = Gauge(
     _MODEL,
     multiprocess_mode="livesum",
 )
+QUEUE_CAPACITY = Gauge(
+    "rnnserve_queue_capacity_steps",
+    "the batcher's max_queue_size: a step beyond it is refused RESOURCE_EXHAUSTED",
+    _MODEL,
+    multiprocess_mode="livesum",
+)
 SESSIONS_ACTIVE = Gauge(
     "rnnserve_sessions_active",
     "sessions with a step queued or running in this process",
@@ -190,6 +196,7 @@ METRICS: Final = (
     STATE_COMMIT_DURATION,
     BATCH_SIZE,
     QUEUE_DEPTH,
+    QUEUE_CAPACITY,
     SESSIONS_ACTIVE,
     SEQ_CONFLICTS,
     REPLAYED,
@@ -241,8 +248,9 @@ class RunnerMetrics:
         "store_errors",
     )
 
-    def __init__(self, model: str, version: str) -> None:
+    def __init__(self, model: str, version: str, *, queue_capacity: int = 0) -> None:
         labels = (model, version)
+        QUEUE_CAPACITY.labels(*labels).set(queue_capacity)
         self.steps = STEPS.labels(*labels)
         self.queue = QUEUE_DURATION.labels(*labels)
         self.compute = COMPUTE_DURATION.labels(*labels)
@@ -306,6 +314,7 @@ def model_unloaded(model: str, version: str) -> None:
     # Set, not removed: multiprocess mode cannot remove a sample from the files.
     MODELS_LOADED.labels(model, version).set(0)
     QUEUE_DEPTH.labels(model, version).set(0)
+    QUEUE_CAPACITY.labels(model, version).set(0)
     SESSIONS_ACTIVE.labels(model, version).set(0)
 
 

@@ -25,7 +25,7 @@ from _grpc_util import FEATURES, native_stub, pb, rpc_error, running_server, ten
 from _redis_server import RedisServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from rnnserve.service.errors import SeqConflict, SessionNotFound, StoreUnavailable
+from rnnserve.service.errors import RnnserveError, SeqConflict, SessionNotFound, StoreUnavailable
 from rnnserve.service.logs import JsonFormatter, configure_logging
 from rnnserve.service.metrics import metric_names
 from rnnserve.service.server import NATIVE_SERVICE
@@ -70,7 +70,7 @@ def x(seed: int) -> pb.Tensor:
     return tensor("x", rng.normal(size=FEATURES).astype("float32"))
 
 
-def code_of(error_class: type) -> str:
+def code_of(error_class: type[RnnserveError]) -> str:
     return str(error_class.code)
 
 
@@ -91,6 +91,8 @@ def test_every_exposed_metric_is_declared_in_metrics_py(metered) -> None:
     samples = scrape(port)
     assert value(samples, "rnnserve_models_loaded", **LSTM) == 1
     assert value(samples, "rnnserve_model_load_duration_seconds_count", **LSTM) >= 1
+    capacity = Settings.model_fields["max_queue_size"].default  # config.yaml leaves it
+    assert value(samples, "rnnserve_queue_capacity_steps", **LSTM) == capacity
 
 
 def test_steps_move_request_step_batch_and_duration_metrics(metered) -> None:

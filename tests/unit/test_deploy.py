@@ -1,0 +1,450 @@
+"""`deploy/` matches the code: every kustomize overlay, rendered here, validates against
+the Kubernetes schemas (kubernetes-validate, offline), and its ports, probes, settings,
+volumes, selectors, metric names and gRPC method names are the ones the server uses
+(read from the code, not copied). The Dockerfiles' install line and entrypoint are run
+the way the image runs them.
+
+The renderer is the subset of kustomize these manifests use: `resources` (files and
+folders), `patches` by file (strategic merge: maps merge, `null` deletes a key, lists of
+named items merge by `name`, other lists are replaced; `$patch: delete` removes a
+resource) and `images` (new tag or name).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from rnnserve.service.metrics import metric_names
+from rnnserve.service.server import HEALTH_SERVICE, KSERVE_SERVICE, NATIVE_SERVICE, SERVICES
+from rnnserve.service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+KUBE = DEPLOY / "kubernetes"
+OVERLAYS = sorted(p.name for p in (KUBE / "overlays").iterdir() if p.is_dir())
+# The oldest Kubernetes the manifests promise (native gRPC probes are GA in 1.27) and
+# the newest schemas kubernetes-validate ships.
+KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
+CRDS = {"monitoring.coreos.com/v1": {"ServiceMonitor", "PrometheusRule"}}
+# Labels Prometheus adds from the scrape target (ServiceMonitor) besides the metrics' own.
+TARGET_LABELS = {"namespace", "pod", "le"}
+METRIC_LABELS = {"model", "version", "method", "code"}
+
+
+# -- the kustomize subset -----------------------------------------------------------------
+def _load_all(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def _key(doc: dict[str, Any]) -> tuple[str, str]:
+    return doc["kind"], doc["metadata"]["name"]
+
+
+def _merge(base: Any, patch: Any) -> Any:
+    if isinstance(base, dict) and isinstance(patch, dict):
+        for key, value in patch.items():
+            if value is None:
+                base.pop(key, None)
+            elif key in base:
+                base[key] = _merge(base[key], value)
+            else:
+                base[key] = copy.deepcopy(value)
+        return base
+    if (
+        isinstance(base, list)
+        and isinstance(patch, list)
+        and all(isinstance(item, dict) and "name" in item for item in [*base, *patch])
+    ):
+        by_name = {item["name"]: item for item in base}
+        for item in patch:
+            if item["name"] in by_name:
+                _merge(by_name[item["name"]], item)
+            else:
+                base.append(copy.deepcopy(item))
+        return base
+    return copy.deepcopy(patch)
+
+
+def _pod_containers(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+    yield from spec.get("initContainers", [])
+    yield from spec.get("containers", [])
+
+
+def render(folder: Path) -> list[dict[str, Any]]:
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    unknown = set(kustomization) - {"apiVersion", "kind", "resources", "patches", "images"}
+    assert not unknown, f"{folder}: the test's renderer does not know {unknown}"
+    docs: list[dict[str, Any]] = []
+    for resource in kustomization.get("resources", []):
+        path = folder / resource
+        docs += render(path) if path.is_dir() else _load_all(path)
+    for entry in kustomization.get("patches", []):
+        assert set(entry) == {"path"}, entry
+        for patch in _load_all(folder / entry["path"]):
+            matches = [doc for doc in docs if _key(doc) == _key(patch)]
+            assert len(matches) == 1, f"{folder}: patch target {_key(patch)} not found once"
+            if patch.get("$patch") == "delete":
+                docs.remove(matches[0])
+            else:
+                body = {k: v for k, v in patch.items() if k not in ("apiVersion", "kind")}
+                _merge(matches[0], body)
+    for image in kustomization.get("images", []):
+        for doc in docs:
+            for container in _pod_containers(doc):
+                name, _, tag = container["image"].partition(":")
+                if name == image["name"]:
+                    new_name = image.get("newName", name)
+                    container["image"] = f"{new_name}:{image.get('newTag', tag)}"
+    return docs
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def overlay(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
+    return request.param, render(KUBE / "overlays" / request.param)
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [doc for doc in docs if _key(doc) == (kind, name)]
+    assert len(found) == 1, (kind, name)
+    return found[0]
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any] | None:
+    found = [doc for doc in docs if _key(doc) == (kind, name)]
+    return found[0] if found else None
+
+
+def server_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    containers: list[dict[str, Any]] = one(docs, "Deployment", "rnnserve")["spec"]["template"][
+        "spec"
+    ]["containers"]
+    return containers[0]
+
+
+def settings_of(docs: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The Settings the pod builds: its ConfigMap and env as environment variables."""
+    env = dict(one(docs, "ConfigMap", "rnnserve-settings")["data"])
+    env |= {e["name"]: e["value"] for e in server_container(docs).get("env", []) if "value" in e}
+    for name in [n for n in os.environ if n.startswith("RNNSERVE_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+    return Settings()
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+# -- schemas ------------------------------------------------------------------------------
+def test_every_overlay_is_listed() -> None:
+    assert set(OVERLAYS) >= {"cpu", "gpu", "dev"}
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_every_resource_validates_against_the_kubernetes_schemas(overlay, version) -> None:
+    name, docs = overlay
+    keys = [_key(doc) for doc in docs]
+    assert len(keys) == len(set(keys)), f"{name}: duplicate resources"
+    for doc in docs:
+        if doc["kind"] in CRDS.get(doc["apiVersion"], set()):
+            continue  # not in the core schemas: test_monitoring_resources checks them
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_monitoring_resources(overlay) -> None:
+    _, docs = overlay
+    names = metric_names()
+    monitor = one(docs, "ServiceMonitor", "rnnserve")
+    service = one(docs, "Service", "rnnserve")
+    assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+    # only the one Service: the headless one would scrape every pod twice
+    services = [d for d in docs if d["kind"] == "Service"]
+    scraped = [
+        s
+        for s in services
+        if selects(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
+    ]
+    assert scraped == [service]
+    port_names = {p["name"] for p in service["spec"]["ports"]}
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout"}
+        assert endpoint["port"] in port_names and endpoint["path"] == "/metrics"
+    rule = one(docs, "PrometheusRule", "rnnserve")
+    alerts = [r for group in rule["spec"]["groups"] for r in group["rules"]]
+    assert {r["alert"] for r in alerts} >= {
+        "RnnserveHighErrorRate",
+        "RnnserveHighStepLatencyP99",
+        "RnnserveStoreErrors",
+        "RnnserveQueueSaturation",
+    }
+    for group in rule["spec"]["groups"]:
+        assert isinstance(group["name"], str) and group["rules"]
+    for alert in alerts:
+        assert set(alert) <= {"alert", "expr", "for", "labels", "annotations"}, alert
+        assert re.fullmatch(r"\d+[smh]", alert["for"])
+        assert alert["labels"]["severity"] in {"warning", "critical"}
+        assert {"summary", "description"} <= set(alert["annotations"])
+        check_promql(alert["expr"], names)
+
+
+# -- what the manifests say matches the code ------------------------------------------
+def test_settings_env_names_are_real_settings_fields(overlay, monkeypatch) -> None:
+    _, docs = overlay
+    fields = {f"RNNSERVE_{name.upper()}" for name in Settings.model_fields}
+    for doc in docs:
+        if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "rnnserve-settings":
+            assert set(doc["data"]) <= fields, set(doc["data"]) - fields
+        for container in _pod_containers(doc):
+            for env in container.get("env", []):
+                if env["name"].startswith("RNNSERVE_"):
+                    assert env["name"] in fields, env["name"]
+    settings_of(docs, monkeypatch)  # and every value parses
+
+
+def test_ports_and_probes_are_the_servers(overlay, monkeypatch) -> None:
+    _, docs = overlay
+    settings = settings_of(docs, monkeypatch)
+    container = server_container(docs)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}
+    # the services the server reports health for (server.py sets them all)
+    health_names = {"", NATIVE_SERVICE, KSERVE_SERVICE}
+    assert HEALTH_SERVICE in SERVICES
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        grpc = container[probe]["grpc"]
+        assert grpc["port"] == settings.port, probe
+        assert grpc.get("service", "") in health_names, probe
+    # the startup probe covers model loading and warm-up: minutes, not seconds
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+    for service in (d for d in docs if d["kind"] == "Service"):
+        for port in service["spec"]["ports"]:
+            target = port["targetPort"]
+            if service["metadata"]["name"].startswith("rnnserve-redis"):
+                continue
+            assert target in ports and port["port"] == ports[target], port
+
+
+def test_termination_grace_covers_the_prestop_and_the_drain(overlay, monkeypatch) -> None:
+    _, docs = overlay
+    settings = settings_of(docs, monkeypatch)
+    pod = one(docs, "Deployment", "rnnserve")["spec"]["template"]["spec"]
+    command = server_container(docs)["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    assert pod["terminationGracePeriodSeconds"] >= float(command[1]) + settings.grace_period_s
+
+
+def test_pods_are_non_root_with_read_only_roots_and_writable_mounts(overlay, monkeypatch) -> None:
+    _, docs = overlay
+    settings = settings_of(docs, monkeypatch)
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    (uid,) = re.findall(r"^USER (\d+)", dockerfile, re.M)
+    for doc in docs:
+        if doc["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["automountServiceAccountToken"] is False
+        for container in _pod_containers(doc):
+            context = container["securityContext"]
+            assert context["readOnlyRootFilesystem"] is True
+            assert context["allowPrivilegeEscalation"] is False
+            assert context["capabilities"]["drop"] == ["ALL"]
+            assert "memory" in container["resources"]["limits"]
+    deployment = one(docs, "Deployment", "rnnserve")
+    assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == int(uid)
+    container = server_container(docs)
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+
+    def volume_at(path: Path) -> dict[str, Any]:
+        for mount_path, mount in mounts.items():
+            if path == Path(mount_path) or Path(mount_path) in path.parents:
+                volume: dict[str, Any] = volumes[mount["name"]]
+                return volume
+        raise AssertionError(f"{path} is on the read-only root filesystem")
+
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert "emptyDir" in volume_at(Path(env["PROMETHEUS_MULTIPROC_DIR"]))
+    assert "emptyDir" in volume_at(Path("/tmp"))
+    volume_at(settings.model_repository)
+    if settings.auth_tokens_file is not None:
+        assert "secret" in volume_at(settings.auth_tokens_file)
+
+
+def test_selectors_hpa_pdb_and_network_policies(overlay, monkeypatch) -> None:
+    name, docs = overlay
+    settings = settings_of(docs, monkeypatch)
+    deployment = one(docs, "Deployment", "rnnserve")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert selects(deployment["spec"]["selector"]["matchLabels"], pod_labels)
+    for service_name in ("rnnserve", "rnnserve-headless"):
+        assert selects(one(docs, "Service", service_name)["spec"]["selector"], pod_labels)
+    assert one(docs, "Service", "rnnserve-headless")["spec"]["clusterIP"] == "None"
+    hpa = find(docs, "HorizontalPodAutoscaler", "rnnserve")
+    if hpa is not None:
+        assert hpa["spec"]["scaleTargetRef"]["name"] == "rnnserve"
+        custom = [
+            m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"
+        ]
+        assert custom and set(custom) <= set(metric_names())
+    else:
+        assert name == "dev"
+    pdb = find(docs, "PodDisruptionBudget", "rnnserve")
+    assert pdb is None or selects(pdb["spec"]["selector"]["matchLabels"], pod_labels)
+    redis = find(docs, "StatefulSet", "rnnserve-redis")
+    if redis is None:  # an existing Redis: the URL is the operator's
+        assert name == "external-redis"
+        assert settings.redis_url and not settings.redis_url.startswith("redis://rnnserve-redis")
+        return
+    redis_pod = redis["spec"]["template"]
+    policy = one(docs, "NetworkPolicy", "rnnserve-redis")
+    assert selects(policy["spec"]["podSelector"]["matchLabels"], redis_pod["metadata"]["labels"])
+    (rule,) = policy["spec"]["ingress"]
+    (source,) = rule["from"]
+    assert selects(source["podSelector"]["matchLabels"], pod_labels)
+    assert not selects(source["podSelector"]["matchLabels"], redis_pod["metadata"]["labels"])
+    (redis_port,) = redis_pod["spec"]["containers"][0]["ports"]
+    assert [p["port"] for p in rule["ports"]] == [redis_port["containerPort"]]
+    # the URL names the StatefulSet's first pod through its governing Service
+    host = f"{redis['metadata']['name']}-0.{redis['spec']['serviceName']}"
+    assert settings.redis_url == f"redis://{host}:{redis_port['containerPort']}/0"
+    assert one(docs, "Service", redis["spec"]["serviceName"])["spec"]["clusterIP"] == "None"
+    config = one(docs, "ConfigMap", "rnnserve-redis")["data"]["redis.conf"]
+    assert "appendonly yes" in config and "maxmemory-policy noeviction" in config
+
+
+def test_gpu_only_in_the_gpu_overlay(overlay) -> None:
+    name, docs = overlay
+    resources = server_container(docs)["resources"]
+    gpus = resources["limits"].get("nvidia.com/gpu")
+    assert (gpus == "1") == (name == "gpu")
+    image = server_container(docs)["image"]
+    assert image.endswith("-gpu") == (name == "gpu")
+
+
+# -- PromQL in alerts and the dashboard -----------------------------------------------------
+_METHOD = re.compile(r"/([A-Za-z0-9_.]+)/([A-Za-z0-9_]*)")
+
+
+def _grpc_methods() -> set[str]:
+    from rnnserve.service._generated.inference import grpc_service_pb2
+    from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2
+
+    methods = set()
+    for descriptor in (recurrent_pb2.DESCRIPTOR, grpc_service_pb2.DESCRIPTOR):
+        for service in descriptor.services_by_name.values():
+            methods |= {f"/{service.full_name}/{m.name}" for m in service.methods}
+    return methods
+
+
+def check_promql(expr: str, names: dict[str, str]) -> None:
+    used = set(re.findall(r"\brnnserve_[a-z0-9_]+", expr))
+    assert used, expr
+    assert used <= set(names), used - set(names)
+    for matchers in re.findall(r"rnnserve_[a-z0-9_]+\{([^}]*)\}", expr):
+        labels = set(re.findall(r"([a-z_]+)\s*(?:=~|!~|!=|=)", matchers))
+        assert labels <= METRIC_LABELS | TARGET_LABELS, labels
+    for grouping in re.findall(r"\bby \(([^)]*)\)", expr):
+        labels = {label.strip() for label in grouping.split(",")}
+        assert labels <= METRIC_LABELS | TARGET_LABELS, labels
+    methods = _grpc_methods()
+    for service, method in _METHOD.findall(expr):
+        assert service in SERVICES, service
+        if method:
+            assert f"/{service}/{method}" in methods, method
+
+
+def test_dashboard_queries_use_only_declared_metrics() -> None:
+    dashboard = json.loads((DEPLOY / "grafana" / "rnnserve-dashboard.json").read_text())
+    names = metric_names()
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert len(exprs) >= 10
+    for expr in exprs:
+        check_promql(expr.replace("$__rate_interval", "5m"), names)
+    # every family of the server is on the dashboard, except `_created` timestamps
+    shown = {name for expr in exprs for name in re.findall(r"rnnserve_[a-z0-9_]+", expr)}
+    families = {re.sub(r"_(bucket|sum|count|created|total)$", "", n) for n in names}
+    shown_families = {re.sub(r"_(bucket|sum|count|total)$", "", n) for n in shown}
+    assert families <= shown_families, families - shown_families
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+# -- the images -----------------------------------------------------------------------------
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n\s*", " ", path.read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return [tuple(line.split(None, 1)) for line in lines if not line.startswith("#")]  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.gpu"])
+def test_dockerfile_shape(name: str) -> None:
+    steps = _instructions(DEPLOY / name)
+    assert steps[0] == ("FROM", "python:3.11-slim")
+    entrypoint = [json.loads(arg) for op, arg in steps if op == "ENTRYPOINT"]
+    assert entrypoint == [["rnnserve", "serve"]]
+    for op, arg in steps:
+        if op == "COPY":
+            *sources, _ = arg.split()
+            for source in sources:
+                assert (ROOT / source).exists(), source
+    (expose,) = [arg for op, arg in steps if op == "EXPOSE"]
+    assert int(expose.split()[0]) == Settings.model_fields["port"].default
+    assert [op for op, _ in steps].index("USER") > [op for op, _ in steps].index("RUN")
+
+
+def test_dockerfile_install_line_resolves_with_the_constraints() -> None:
+    """The image's `pip install -c constraints.txt .`, as a dry run against what this
+    environment holds (offline): the pins and the package's requirements agree."""
+    runs = [arg for op, arg in _instructions(DEPLOY / "Dockerfile") if op == "RUN"]
+    install = next(r for r in runs if r.startswith("pip install")).split("&&")[0]
+    args = shlex.split(install)[2:]
+    assert args == ["-c", "constraints.txt", "."]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--no-index",
+            "--no-build-isolation",
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Would install rnnserve-" in result.stdout
+    check = subprocess.run(
+        [sys.executable, "-m", "pip", "check"], capture_output=True, text=True, timeout=60
+    )
+    assert check.returncode == 0, check.stdout
+
+
+def test_entrypoint_runs() -> None:
+    """`rnnserve serve` is the console script the image calls; --help parses every flag."""
+    script = Path(sys.executable).parent / "rnnserve"
+    result = subprocess.run(
+        [str(script), "serve", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--metrics-port" in result.stdout and "--grace-period-s" in result.stdout
