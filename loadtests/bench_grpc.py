@@ -54,6 +54,7 @@ class Workers:
         self.counters = [ctx.RawValue("q", 0) for _ in range(count)]
         self.start_value = ctx.RawValue("d", 0.0)
         self.go = ctx.Event()
+        self.last_cpu: dict[str, float] = {}
         self.processes = [
             ctx.Process(
                 target=worker_main,
@@ -79,16 +80,20 @@ class Workers:
                 self.ready.get_nowait()
             except queue.Empty:
                 break
-        for q, job in zip(self.jobs, jobs, strict=True):
+        for q, job in zip(self.jobs, jobs, strict=False):
             q.put(job)
         for _ in jobs:
             self.ready.get(timeout=300)
+        metrics0 = peer.scrape()
+        server_cpu0 = _cpu_seconds(peer.pids())
+        client_cpu0 = _cpu_seconds([p.pid for p in self.processes if p.pid is not None])
+        done0 = sum(c.value for c in self.counters)
         start_at = time.time() + 0.3
         self.start_value.value = start_at
         self.go.set()
         job = jobs[0]
         end = start_at + job.warmup_s + job.duration_s
-        last_t, last_n = time.time(), 0
+        last_t, last_n = time.time(), done0
         results: list[Result] = []
         while len(results) < len(jobs):
             try:
@@ -111,6 +116,31 @@ class Workers:
             if not peer.alive():
                 raise RuntimeError(f"peer {peer.name} died:\n{peer.log_tail()}")
         sys.stderr.write("\r" + " " * 110 + "\r")
+        # CPU per step over the whole point (warm-up included): what one step costs the
+        # server and the load generator, however busy the machine is.
+        steps = max(1, sum(c.value for c in self.counters) - done0)
+        self.last_cpu = {
+            "server_cpu_us_per_step": (_cpu_seconds(peer.pids()) - server_cpu0) / steps * 1e6,
+            "client_cpu_us_per_step": (
+                _cpu_seconds([p.pid for p in self.processes if p.pid is not None]) - client_cpu0
+            )
+            / steps
+            * 1e6,
+        }
+        metrics1 = peer.scrape()
+        delta = {k: v - metrics0.get(k, 0.0) for k, v in metrics1.items()}
+        batches = delta.get("rnnserve_batch_size_steps_count", 0.0)
+        if batches > 0:
+            self.last_cpu["mean_batch"] = delta["rnnserve_batch_size_steps_sum"] / batches
+            self.last_cpu["batches_per_s"] = batches / (time.time() - start_at)
+            for name, key in (
+                ("compute_ms_per_batch", "rnnserve_compute_duration_seconds"),
+                ("state_load_ms_per_batch", "rnnserve_state_load_duration_seconds"),
+                ("state_commit_ms_per_batch", "rnnserve_state_commit_duration_seconds"),
+            ):
+                count = delta.get(f"{key}_count", 0.0)
+                if count > 0:
+                    self.last_cpu[name] = delta[f"{key}_sum"] / count * 1e3
         return results
 
     def close(self) -> None:
@@ -131,6 +161,33 @@ def _split(total: int, parts: int) -> list[tuple[int, int]]:
         out.append((n, first))
         first += n
     return out
+
+
+def _cpu_seconds(roots: list[int]) -> float:
+    """User + system CPU seconds of these processes and all their descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry)
+        children.setdefault(int(fields[1]), []).append(pid)
+        times[pid] = (int(fields[11]) + int(fields[12])) / tick
+    total, todo, seen = 0.0, list(roots), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        total += times.get(pid, 0.0)
+        todo.extend(children.get(pid, []))
+    return total
 
 
 def _loadavg() -> list[float]:
@@ -155,6 +212,11 @@ def main() -> None:
     parser.add_argument("--repository", type=Path, default=ROOT / "build" / "bench-models")
     parser.add_argument("--triton-venv", type=Path, default=ROOT / ".venv-triton")
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "bench_grpc")
+    parser.add_argument(
+        "--rnnserve-args",
+        default="",
+        help="extra `rnnserve serve` flags for every rnnserve peer (one string)",
+    )
     parser.add_argument("--update-docs", action="store_true", help="write docs/benchmarks.md")
     args = parser.parse_args()
 
@@ -163,7 +225,13 @@ def main() -> None:
     from loadtests.harness.models import write_repository
 
     write_repository(args.repository, (args.model,))
-    peers = build_peers(args.peers, args.repository, args.redis_url, args.triton_venv)
+    peers = build_peers(
+        args.peers,
+        args.repository,
+        args.redis_url,
+        args.triton_venv,
+        tuple(shlex.split(args.rnnserve_args)),
+    )
     workers = Workers(args.workers)
     started = time.time()
     meta: dict[str, Any] = {
@@ -195,7 +263,17 @@ def main() -> None:
                     for sessions in args.sessions:
                         run_id = f"b{uuid.uuid4().hex[:10]}"
                         sequence_base = random.randrange(1, 2**40) << 16
-                        parts = _split(sessions, min(args.workers, sessions))
+                        n_workers = min(args.workers, sessions)
+                        if mode == "kserve-stream" and peer.max_streams is not None:
+                            if -(-sessions // args.stream_width) > peer.max_streams:
+                                print(
+                                    f"  {peer.name} {mode} {sessions} sessions: skipped (more "
+                                    f"than {peer.max_streams} stream(s) crash this peer)",
+                                    file=sys.stderr,
+                                )
+                                continue
+                            n_workers = 1  # one stream: one worker
+                        parts = _split(sessions, n_workers)
                         jobs = [
                             Job(
                                 address=peer.address,
@@ -215,11 +293,20 @@ def main() -> None:
                         label = f"{peer.name} {mode} {sessions} sessions"
                         results = workers.run(jobs, label, peer)
                         point = summarize(peer.name, mode, sessions, args.duration, results)
+                        point.update(workers.last_cpu)
                         point["loadavg"] = _loadavg()
                         points.append(point)
                         print(
                             f"  {label:<44} {point['steps_per_s']:>9,.0f} steps/s  "
-                            f"p50 {point['p50_ms']:7.1f} ms  p99 {point['p99_ms']:7.1f} ms"
+                            f"p50 {point['p50_ms']:7.1f} ms  p99 {point['p99_ms']:7.1f} ms  "
+                            f"cpu/step server {point['server_cpu_us_per_step']:5.0f} us "
+                            f"client {point['client_cpu_us_per_step']:5.0f} us"
+                            + (
+                                f"  batch {point['mean_batch']:.0f}, compute "
+                                f"{point.get('compute_ms_per_batch', 0):.1f} ms"
+                                if "mean_batch" in point
+                                else ""
+                            )
                             + (f"  errors {point['errors']}" if point["errors"] else ""),
                             file=sys.stderr,
                         )

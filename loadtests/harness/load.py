@@ -206,15 +206,15 @@ async def _native(job: Job, clock: _Clock, ready: Any) -> None:
 
     try:
         if job.mode == "step":
-            await asyncio.gather(*(unary_session(i) for i in range(job.sessions)))
+            await _bounded(clock, *(unary_session(i) for i in range(job.sessions)))
         elif job.mode == "runseq":
-            await asyncio.gather(*(runseq_session(i) for i in range(job.sessions)))
+            await _bounded(clock, *(runseq_session(i) for i in range(job.sessions)))
         else:
             groups = [
                 list(range(k, min(k + job.stream_width, job.sessions)))
                 for k in range(0, job.sessions, job.stream_width)
             ]
-            await asyncio.gather(*(stream_group(g) for g in groups))
+            await _bounded(clock, *(stream_group(g) for g in groups))
         await asyncio.gather(
             *(
                 stub_of(i).EndSession(pb.SessionRef(model=job.model, session_id=ids[i]))
@@ -344,17 +344,30 @@ async def _kserve(job: Job, clock: _Clock, ready: Any) -> None:
 
     try:
         if job.mode == "kserve":
-            await asyncio.gather(*(unary_session(i) for i in range(job.sessions)))
+            await _bounded(clock, *(unary_session(i) for i in range(job.sessions)))
         else:
             groups = [
                 list(range(k, min(k + job.stream_width, job.sessions)))
                 for k in range(0, job.sessions, job.stream_width)
             ]
-            await asyncio.gather(*(stream_group(g) for g in groups))
+            await _bounded(clock, *(stream_group(g) for g in groups))
     finally:
         for client in clients:
             with contextlib.suppress(Exception):
                 await client.close()
+
+
+async def _bounded(clock: _Clock, *coroutines: Any) -> None:
+    """Run the sessions; 10 s after the window ends, cancel the ones still in a call (an
+    overloaded peer must not hold the run: their late replies would not count anyway)."""
+    task = asyncio.ensure_future(asyncio.gather(*coroutines))
+    while not task.done():
+        if time.time() > clock.end + 10:
+            task.cancel()
+            break
+        await asyncio.wait({task}, timeout=0.5)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _sleep_until(when: float) -> None:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -43,8 +44,13 @@ class Peer:
     ready_pattern: str
     modes: tuple[str, ...] = MODES
     models: tuple[str, ...] | None = None  # None: every model
+    # Most concurrent KServe streams it survives (None: no limit). tritonserver 2.51 from
+    # pytriton 0.7.0 dies with SIGSEGV (in TRITONBACKEND_RequestRelease, under the Python
+    # backend's execute) when two or more ModelStreamInfer streams carry sequences at once.
+    max_streams: int | None = None
     env: dict[str, str] = field(default_factory=dict)
     port: int = 0
+    metrics_port: int | None = None  # rnnserve's Prometheus endpoint (one process only)
     processes: list[subprocess.Popen[str]] = field(default_factory=list)
     tails: list[deque[str]] = field(default_factory=list)
 
@@ -88,6 +94,29 @@ class Peer:
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.processes]
+
+    def scrape(self) -> dict[str, float]:
+        """Sums of rnnserve's batch histograms (empty when there is no endpoint)."""
+        if self.metrics_port is None:
+            return {}
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10
+            ) as reply:
+                text = reply.read().decode()
+        except OSError:
+            return {}
+        totals: dict[str, float] = {}
+        for line in text.splitlines():
+            match = re.match(
+                r"(rnnserve_(?:batch_size_steps|compute_duration_seconds|"
+                r"state_load_duration_seconds|state_commit_duration_seconds)_(?:sum|count))"
+                r"\{[^}]*\} ([0-9.e+-]+)$",
+                line,
+            )
+            if match:
+                totals[match.group(1)] = totals.get(match.group(1), 0.0) + float(match.group(2))
+        return totals
 
     def stop(self) -> None:
         for process in self.processes:
@@ -135,18 +164,27 @@ def rnnserve(
         "WARNING",
         *extra,
     ]
+    metrics_port = None
     if processes > 1:
         base += ["--reuse-port", "true"]
+    else:
+        metrics_port = free_port()
+        base += ["--metrics-port", str(metrics_port)]
     return Peer(
         name=name,
         commands=[base] * processes,
         ready_pattern=r"rnnserve listening on port",
         port=port,
+        metrics_port=metrics_port,
     )
 
 
 def build_peers(
-    names: list[str], repository: Path, redis_url: str, triton_venv: Path
+    names: list[str],
+    repository: Path,
+    redis_url: str,
+    triton_venv: Path,
+    rnnserve_args: tuple[str, ...] = (),
 ) -> list[Peer]:
     peers = []
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
@@ -164,15 +202,16 @@ def build_peers(
                 )
             )
         elif name == "unbatched":
-            peers.append(rnnserve(name, repository, "--max-batch-size", "1"))
+            peers.append(rnnserve(name, repository, *rnnserve_args, "--max-batch-size", "1"))
         elif name == "memory":
-            peers.append(rnnserve(name, repository))
+            peers.append(rnnserve(name, repository, *rnnserve_args))
         elif name == "redis" or name.startswith("redis-x"):
             count = 1 if name == "redis" else int(name.removeprefix("redis-x"))
             peers.append(
                 rnnserve(
                     name,
                     repository,
+                    *rnnserve_args,
                     "--redis-url",
                     redis_url,
                     "--namespace",
@@ -223,6 +262,7 @@ def triton(venv: Path) -> Peer:
         ready_pattern=r"Started GRPCInferenceService",
         modes=TRITON_MODES,
         models=("lstm256",),
+        max_streams=1,
         env={"LD_LIBRARY_PATH": env["LD_LIBRARY_PATH"]},
         port=port,
     )

@@ -94,6 +94,33 @@ def markdown(meta: dict[str, Any], points: list[dict[str, Any]], img_prefix: str
                 )
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
         lines.append("")
+    if any("server_cpu_us_per_step" in p for p in points):
+        lines.append(
+            "**CPU per step** (µs of CPU time, user + system, per completed step over the "
+            "whole point: server process tree / load-generator processes; for a single "
+            "rnnserve process, from its /metrics: mean batch and mean compute time per batch)"
+        )
+        lines.append("")
+        lines.append("| peer | mode | " + " | ".join(f"{s} sessions" for s in sessions) + " |")
+        lines.append("|---|---|" + "---:|" * len(sessions))
+        for peer in peers:
+            for mode in modes:
+                row = [index.get((peer, mode, s)) for s in sessions]
+                if not any(row):
+                    continue
+                cells = [
+                    f"{p['server_cpu_us_per_step']:.0f} / {p['client_cpu_us_per_step']:.0f}"
+                    + (
+                        f" (batch {p['mean_batch']:.0f}, {p['compute_ms_per_batch']:.1f} ms)"
+                        if "compute_ms_per_batch" in p
+                        else ""
+                    )
+                    if p and "server_cpu_us_per_step" in p
+                    else ""
+                    for p in row
+                ]
+                lines.append(f"| {peer} | {mode} | " + " | ".join(cells) + " |")
+        lines.append("")
     ratios = target_ratios(points)
     if ratios:
         lines.append("| ratio (same run) | value |")
