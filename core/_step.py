@@ -70,9 +70,14 @@ def _compiler(
             compiled = tf.function(
                 tf_step, input_signature=signature, jit_compile=jit_compile, autograph=False
             )
+            # Call the one concrete function directly: `tf.function.__call__` binds and
+            # canonicalizes its arguments on every call (Python, under the GIL), which at
+            # small batches costs more than the step (docs/benchmarks.md, gRPC section).
+            concrete = compiled.get_concrete_function()
+            to_tensor = tf.convert_to_tensor
 
             def run_tf(values: list[np.ndarray]) -> list[np.ndarray]:
-                return [t.numpy() for t in compiled(*values)]
+                return [t.numpy() for t in concrete(*[to_tensor(v) for v in values])]
 
             return run_tf
 
