@@ -39,7 +39,7 @@ from loadtests.harness.load import MODES, Job, Result, worker_main
 from loadtests.harness.peers import ROOT, Peer, build_peers
 from loadtests.harness.report import summarize, write_outputs
 
-PEERS = ("echo", "unbatched", "memory", "redis", "triton")
+PEERS = ("echo", "unbatched", "memory", "redis", "redis-x2", "triton")
 
 
 class Workers:
