@@ -55,6 +55,7 @@ class Workers:
         self.start_value = ctx.RawValue("d", 0.0)
         self.go = ctx.Event()
         self.last_cpu: dict[str, float] = {}
+        self.crashed = False
         self.processes = [
             ctx.Process(
                 target=worker_main,
@@ -75,6 +76,7 @@ class Workers:
 
     def run(self, jobs: list[Job], label: str, peer: Peer) -> list[Result]:
         self.go.clear()
+        self.crashed = False
         while True:  # leftovers of a failed point
             try:
                 self.ready.get_nowait()
@@ -113,8 +115,10 @@ class Workers:
                 f"{rate:>9,.0f} steps/s  {done:>9,} steps  "
             )
             sys.stderr.flush()
-            if not peer.alive():
-                raise RuntimeError(f"peer {peer.name} died:\n{peer.log_tail()}")
+            if not peer.alive() and not self.crashed:
+                # Keep collecting: the workers finish their window against a dead port.
+                self.crashed = True
+                sys.stderr.write(f"\n  peer {peer.name} died:\n{peer.log_tail()[-1500:]}\n")
         sys.stderr.write("\r" + " " * 110 + "\r")
         # CPU per step over the whole point (warm-up included): what one step costs the
         # server and the load generator, however busy the machine is.
@@ -294,6 +298,7 @@ def main() -> None:
                         results = workers.run(jobs, label, peer)
                         point = summarize(peer.name, mode, sessions, args.duration, results)
                         point.update(workers.last_cpu)
+                        point["peer_crashed"] = workers.crashed or not peer.alive()
                         point["loadavg"] = _loadavg()
                         points.append(point)
                         print(
@@ -312,16 +317,22 @@ def main() -> None:
                         )
                         if point["first_error"]:
                             print(f"    first error: {point['first_error'][:300]}", file=sys.stderr)
+                        if point["peer_crashed"]:
+                            print(f"  {peer.name} crashed: restarting it", file=sys.stderr)
+                            peer.stop()
+                            peer.start()
             finally:
                 peer.stop()
     finally:
         workers.close()
         for peer in peers:
             peer.stop()
-    meta["loadavg_after"] = _loadavg()
-    meta["elapsed_s"] = round(time.time() - started, 1)
-    paths = write_outputs(meta, points, args.out, update_docs=args.update_docs)
-    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=1), file=sys.stderr)
+        # Whatever was measured is written, even when a peer or the run failed.
+        meta["loadavg_after"] = _loadavg()
+        meta["elapsed_s"] = round(time.time() - started, 1)
+        if points:
+            paths = write_outputs(meta, points, args.out, update_docs=args.update_docs)
+            print(json.dumps({k: str(v) for k, v in paths.items()}, indent=1), file=sys.stderr)
 
 
 if __name__ == "__main__":

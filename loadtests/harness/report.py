@@ -89,6 +89,8 @@ def markdown(meta: dict[str, Any], points: list[dict[str, Any]], img_prefix: str
                     cells.append("")
                     continue
                 err = f" ({p['errors']} err)" if p["errors"] else ""
+                if p.get("peer_crashed"):
+                    err += " **crashed**"
                 cells.append(
                     f"{p['steps_per_s']:,.0f} · {p['p50_ms']:.1f} / {p['p99_ms']:.1f}{err}"
                 )
