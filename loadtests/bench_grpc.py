@@ -222,7 +222,17 @@ def main() -> None:
         help="extra `rnnserve serve` flags for every rnnserve peer (one string)",
     )
     parser.add_argument("--update-docs", action="store_true", help="write docs/benchmarks.md")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        help="measure nothing: write the outputs again from a saved bench_grpc.json",
+    )
     args = parser.parse_args()
+    if args.render is not None:
+        saved = json.loads(args.render.read_text())
+        write_outputs(saved["meta"], saved["points"], args.out, update_docs=args.update_docs)
+        return
 
     command = ".venv/bin/python loadtests/bench_grpc.py " + shlex.join(sys.argv[1:])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -117,8 +117,11 @@ def markdown(meta: dict[str, Any], points: list[dict[str, Any]], img_prefix: str
                         if "compute_ms_per_batch" in p
                         else ""
                     )
-                    if p and "server_cpu_us_per_step" in p
-                    else ""
+                    if p
+                    and "server_cpu_us_per_step" in p
+                    and p["steps"] > 0
+                    and not p.get("peer_crashed")
+                    else ("crashed" if p and p.get("peer_crashed") else "no steps" if p else "")
                     for p in row
                 ]
                 lines.append(f"| {peer} | {mode} | " + " | ".join(cells) + " |")
@@ -141,7 +144,8 @@ def target_ratios(points: list[dict[str, Any]]) -> list[tuple[str, float]]:
 
     def rate(peer: str, mode: str, s: int) -> float | None:
         p = index.get((peer, mode, s))
-        return p["steps_per_s"] if p and p["steps_per_s"] > 0 else None
+        ok = p and p["steps_per_s"] > 0 and not p.get("peer_crashed")
+        return p["steps_per_s"] if ok else None
 
     def add(name: str, a: float | None, b: float | None) -> None:
         if a is not None and b is not None:
