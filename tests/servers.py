@@ -190,10 +190,24 @@ def spawn_server(
         lines.append(line)
         match = re.search(r"rnnserve listening on port (\d+)", line)
         if match:
-            threading.Thread(target=_drain, args=(process,), daemon=True).start()
+            reader = threading.Thread(target=_drain, args=(process,), daemon=True)
+            reader.start()
+            _readers[process.pid] = reader
             return process, int(match.group(1))
     process.kill()
     raise RuntimeError("server subprocess did not start:\n" + "".join(lines[-40:]))
+
+
+_readers: dict[int, threading.Thread] = {}
+
+
+def close_output(process: subprocess.Popen[str]) -> None:
+    """After a spawned server exited: wait for its output reader, close the pipe."""
+    reader = _readers.pop(process.pid, None)
+    if reader is not None:
+        reader.join(timeout=30)
+    if process.stdout is not None:
+        process.stdout.close()
 
 
 def _drain(process: subprocess.Popen[str]) -> None:

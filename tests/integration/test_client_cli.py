@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 
-from tests.servers import FEATURES, reference, spawn_server, write_repository
+from tests.servers import FEATURES, close_output, reference, spawn_server, write_repository
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +38,7 @@ def address(cli_repo: Path) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=60)
-        for thread in threading.enumerate():
-            if thread.name.endswith("(_drain)"):
-                thread.join(timeout=30)
-        assert process.stdout is not None
-        process.stdout.close()
+        close_output(process)
 
 
 def rnnserve_client(address: str, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:

@@ -3,7 +3,6 @@ client's session carries on on the second, every step applied exactly once."""
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import uuid
 
@@ -11,16 +10,7 @@ import numpy as np
 import redis
 
 from rnnserve.client import Client, RetryPolicy
-from tests.servers import FEATURES, ServerThread, reference, spawn_server
-
-
-def _close_output(process: subprocess.Popen[str]) -> None:
-    """Close the pipe `spawn_server` reads, once its reader thread saw the end."""
-    for thread in threading.enumerate():
-        if thread.name.endswith("(_drain)"):
-            thread.join(timeout=30)
-    if process.stdout is not None:
-        process.stdout.close()
+from tests.servers import FEATURES, ServerThread, close_output, reference, spawn_server
 
 
 def test_killed_replica_the_session_continues_on_the_next(model_repo, redis_url):
@@ -67,7 +57,7 @@ def test_killed_replica_the_session_continues_on_the_next(model_repo, redis_url)
         if first.poll() is None:
             first.kill()
         first.wait(timeout=30)
-        _close_output(first)
+        close_output(first)
         store = redis.Redis.from_url(redis_url)
         keys = list(store.scan_iter(match=f"rnnserve:{namespace}:*"))
         if keys:

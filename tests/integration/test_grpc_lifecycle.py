@@ -34,7 +34,7 @@ from tests.integration._grpc_util import (
     tensor,
     xs,
 )
-from tests.servers import ServerThread, spawn_server, unique
+from tests.servers import ServerThread, close_output, spawn_server, unique
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -244,9 +244,5 @@ def test_sigterm_drain_loses_no_acknowledged_step(lstm_repo: Path, redis_url: st
         if process.poll() is None:
             process.kill()
             process.wait()
-        for thread in threading.enumerate():  # `spawn_server`'s reader of the output
-            if thread.name.endswith("(_drain)"):
-                thread.join(timeout=30)
-        if process.stdout is not None:
-            process.stdout.close()
+        close_output(process)
         delete_namespace(redis_url, namespace)
