@@ -571,6 +571,18 @@ class SessionEngine:
             model, runner.version, session_id, 0, now, now, runner.config.idle_timeout_s
         )
 
+    def check_inputs(
+        self, model: str, inputs: Tensors, *, version: str | None = None
+    ) -> list[np.ndarray]:
+        """One step's inputs checked as `step` checks them (names, dtypes, shapes and the
+        nonfinite policy), for protocols that must refuse a step before they change
+        anything else, such as a KServe request that also starts its sequence."""
+        runner = self.runner(model, version)
+        arrays = _check_tensors(inputs, runner.signature.inputs, "input")
+        if runner.config.reject_nonfinite:
+            _check_finite(arrays, runner.signature.inputs, "input")
+        return arrays
+
     async def step(
         self,
         model: str,

@@ -349,6 +349,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         _check_requested_outputs(request, sig)
         namespace = namespace_var.get()
         if start:
+            # A step the engine would refuse must not leave a new (or reset) sequence
+            # behind: check it before the START takes effect.
+            self.engine.check_inputs(model, inputs, version=loaded.version)
             await self.engine.start(
                 model,
                 session_id,

@@ -602,6 +602,32 @@ def test_unary_errors(
         assert again.value.status() == "StatusCode.INVALID_ARGUMENT"
 
 
+def test_nonfinite_start_changes_nothing(
+    client: tc.InferenceServerClient, expected_outputs: dict[str, Any]
+) -> None:
+    """A START whose step holds NaN is refused before the START takes effect: a new
+    sequence is not created, and a live one is not reset to its initial state."""
+    xs = expected_outputs["xs"][4]
+    want = expected_outputs["lstm"][4]
+    bad = np.zeros(FEATURES, dtype=np.float32)
+    bad[1] = np.nan
+    sequence_id = random.getrandbits(40) + 1
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("lstm", [x_input(bad)], sequence_id=sequence_id, sequence_start=True)
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "NaN" in info.value.message()
+    with pytest.raises(InferenceServerException) as again:  # nothing was started
+        client.infer("lstm", [x_input(xs[0])], sequence_id=sequence_id)
+    assert "START" in again.value.message()
+
+    first = client.infer("lstm", [x_input(xs[0])], sequence_id=sequence_id, sequence_start=True)
+    with pytest.raises(InferenceServerException):  # a NaN restart of the live sequence
+        client.infer("lstm", [x_input(bad)], sequence_id=sequence_id, sequence_start=True)
+    second = client.infer("lstm", [x_input(xs[1])], sequence_id=sequence_id, sequence_end=True)
+    got = np.stack([first.as_numpy("y")[0], second.as_numpy("y")[0]])
+    np.testing.assert_allclose(got, want[:2], rtol=1e-4, atol=1e-5)
+
+
 def test_stream_error_answers_its_request_and_stream_goes_on(
     client: tc.InferenceServerClient, expected_outputs: dict[str, Any]
 ) -> None:
