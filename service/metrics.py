@@ -87,8 +87,9 @@ REQUESTS = Counter(
 )
 REQUEST_DURATION = Histogram(
     "rnnserve_request_duration_seconds",
-    "gRPC call duration, from the handler's start to its last reply",
-    ("method",),
+    "gRPC call duration, from the handler's start to its last reply, by status code "
+    "(refusals such as RESOURCE_EXHAUSTED apart from served calls)",
+    ("method", "code"),
     buckets=_LATENCY_BUCKETS,
 )
 
@@ -274,18 +275,20 @@ class RunnerMetrics:
 
 @dataclass(slots=True)
 class MethodMetrics:
-    """One gRPC method's children: its duration, and a counter per status code."""
+    """One gRPC method's children: a counter and a duration per status code."""
 
     method: str
-    duration: Histogram
-    codes: dict[str, Counter]
+    codes: dict[str, tuple[Counter, Histogram]]
 
     def finished(self, code: str, seconds: float) -> None:
-        counter = self.codes.get(code)
-        if counter is None:
-            counter = self.codes[code] = REQUESTS.labels(self.method, code)
-        counter.inc()
-        self.duration.observe(seconds)
+        children = self.codes.get(code)
+        if children is None:
+            children = self.codes[code] = (
+                REQUESTS.labels(self.method, code),
+                REQUEST_DURATION.labels(self.method, code),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 _methods: dict[str, MethodMetrics] = {}
@@ -299,9 +302,7 @@ def request_metrics(method: str) -> MethodMetrics:
         with _methods_lock:
             metrics = _methods.get(method)
             if metrics is None:
-                metrics = _methods[method] = MethodMetrics(
-                    method, REQUEST_DURATION.labels(method), {}
-                )
+                metrics = _methods[method] = MethodMetrics(method, {})
     return metrics
 
 

@@ -50,10 +50,15 @@ SERVER_NAME = "rnnserve"
 
 
 def make_store(settings: Settings) -> StateStore:
+    socket_s = settings.redis_timeout_s
     if settings.redis_url and settings.redis_cluster:
-        return RedisClusterStore.from_url(settings.redis_url)
+        return RedisClusterStore.from_url(
+            settings.redis_url, socket_timeout_s=socket_s, op_timeout_s=2.5 * socket_s
+        )
     if settings.redis_url:
-        return RedisStore.from_url(settings.redis_url)
+        return RedisStore.from_url(
+            settings.redis_url, socket_timeout_s=socket_s, op_timeout_s=2.5 * socket_s
+        )
     return MemoryStore()
 
 

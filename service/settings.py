@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     redis_cluster: bool = Field(
         False, description="redis_url is a node of a Redis Cluster (Redis >= 7)"
     )
+    redis_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="socket timeout of one Redis command; a batch's whole store call is "
+        "bounded at 2.5x this, then its steps fail UNAVAILABLE",
+    )
     namespace: str = Field("default", description="key namespace when auth is off")
 
     # -- security --------------------------------------------------------------------

@@ -1,81 +1,144 @@
-"""Backpressure: far more concurrent steps than the queue bound. The excess is refused
-at once with RESOURCE_EXHAUSTED (nothing applied), the rest is served (applied once),
-and the server's memory stays bounded over repeated bursts."""
+"""Backpressure: far more concurrent steps than the queue bound.
+
+The store (a private redis-server) is frozen with SIGSTOP while a burst of steps
+arrives, so every step the server accepts is stuck behind the stalled store. The excess
+must still be answered, RESOURCE_EXHAUSTED and nothing applied, while the store is
+frozen: refusals never wait for a batch or the store. After SIGCONT the accepted
+steps are served and applied once, and memory stays bounded over repeated bursts.
+The server-side duration of refusals (the `code` label of the duration histogram) is
+reported next to the burst's figures."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import statistics
+import signal
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
 from grpc import aio
+from prometheus_client import REGISTRY
 
 from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
 from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 from rnnserve.service.settings import Settings
 from rnnserve.service.wire import encode_tensor
-from tests.reliability._procs import rss_bytes
+from tests.reliability._procs import RedisProcess, rss_bytes
 from tests.servers import FEATURES, ServerThread, write_repository
 
 QUEUE_BOUND = 8
+MAX_BATCH = 2
 BURST = 256
-ROUNDS = 4
+ROUNDS = 3
+STEP = "/rnnserve.v1.Recurrent/Step"
 
 
-async def test_excess_is_refused_quickly_the_rest_served(tmp_path):
-    repo = write_repository(tmp_path / "models", max_batch_size=2)
+def _duration(code: str) -> tuple[float, float]:
+    """(count, sum) of the server's Step duration histogram for `code`."""
+    labels = {"method": STEP, "code": code}
+    count = REGISTRY.get_sample_value("rnnserve_request_duration_seconds_count", labels)
+    total = REGISTRY.get_sample_value("rnnserve_request_duration_seconds_sum", labels)
+    return count or 0.0, total or 0.0
+
+
+def _slowest_bucket(code: str, count: float) -> float:
+    """The smallest histogram bound that holds all `count` calls of `code` so far."""
+    labels = {"method": STEP, "code": code}
+    for bound in (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0):
+        le = REGISTRY.get_sample_value(
+            "rnnserve_request_duration_seconds_bucket", {**labels, "le": str(bound)}
+        )
+        if le is not None and le >= count:
+            return bound
+    return float("inf")
+
+
+async def test_excess_is_refused_while_the_store_is_stalled(tmp_path: Path) -> None:
+    store = RedisProcess(tmp_path / "redis")
+    store.start()
+    repo = write_repository(tmp_path / "models", max_batch_size=MAX_BATCH)
     settings = Settings(
         model_repository=repo, port=0, host="127.0.0.1", warmup=False,
-        max_queue_size=QUEUE_BOUND,
+        max_queue_size=QUEUE_BOUND, redis_url=store.url,
+        redis_timeout_s=60,  # the frozen store must stall the batch, not fail it
     )  # fmt: skip
+    assert store.process is not None
+    refused_before = _duration("RESOURCE_EXHAUSTED")
     served = refused = 0
-    refused_s: list[float] = []
-    served_s: list[float] = []
+    held_per_round: list[int] = []
     rss: list[int] = []
     x = encode_tensor("x", np.ones(FEATURES, "float32"))
-    with ServerThread(settings) as server:
-        async with aio.insecure_channel(server.address) as channel:
-            stub = pb_grpc.RecurrentStub(channel)
-            for round_ in range(ROUNDS):
-                ids = [f"b{round_}-{i}" for i in range(BURST)]
-                await asyncio.gather(
-                    *(stub.StartSession(pb.StartSessionRequest(model="lstm", session_id=s))
-                      for s in ids)
-                )  # fmt: skip
+    try:
+        with ServerThread(settings) as server:
+            runner = server.server.engine.runner("lstm")
+            batcher = runner.batcher
+            most_held = QUEUE_BOUND + runner.config.max_batches_in_flight * MAX_BATCH
+            async with aio.insecure_channel(server.address) as channel:
+                stub = pb_grpc.RecurrentStub(channel)
+                for round_ in range(ROUNDS):
+                    ids = [f"b{round_}-{i}" for i in range(BURST)]
+                    await asyncio.gather(
+                        *(stub.StartSession(pb.StartSessionRequest(model="lstm", session_id=s))
+                          for s in ids)
+                    )  # fmt: skip
 
-                async def one(session: str) -> bool:
-                    began = time.monotonic()
+                    async def one(session: str) -> bool:
+                        try:
+                            request = pb.StepRequest(model="lstm", session_id=session, inputs=[x])
+                            await stub.Step(request, timeout=120)
+                        except aio.AioRpcError as exc:
+                            assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+                            assert f"(max_queue_size {QUEUE_BOUND})" in exc.details()
+                            return False
+                        return True
+
+                    store.process.send_signal(signal.SIGSTOP)
                     try:
-                        request = pb.StepRequest(model="lstm", session_id=session, inputs=[x])
-                        await stub.Step(request, timeout=120)
-                    except aio.AioRpcError as exc:
-                        assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
-                        assert f"(max_queue_size {QUEUE_BOUND})" in exc.details()
-                        refused_s.append(time.monotonic() - began)
-                        return False
-                    served_s.append(time.monotonic() - began)
-                    return True
-
-                outcomes = await asyncio.gather(*(one(s) for s in ids))
-                served += sum(outcomes)
-                refused += len(outcomes) - sum(outcomes)
-                seqs = await asyncio.gather(
-                    *(stub.GetSession(pb.SessionRef(model="lstm", session_id=s)) for s in ids)
-                )
-                # Served steps applied once; refused ones not at all.
-                assert [info.seq for info in seqs] == [int(ok) for ok in outcomes]
-                for session in ids:
-                    await stub.EndSession(pb.SessionRef(model="lstm", session_id=session))
-                rss.append(rss_bytes(os.getpid()))
-            queued = server.server.engine.runner("lstm").batcher.queued
-    assert refused > 0 and served >= QUEUE_BOUND * ROUNDS
-    assert queued == 0
+                        calls = [asyncio.create_task(one(s)) for s in ids]
+                        # Every call is either answered (only a refusal can be: the store
+                        # is frozen) or held by the batcher (queued or in a stalled batch).
+                        deadline = time.monotonic() + 60
+                        while sum(c.done() for c in calls) + batcher.active_keys < BURST:
+                            assert time.monotonic() < deadline, (
+                                f"{sum(c.done() for c in calls)} answered and "
+                                f"{batcher.active_keys} held of {BURST} after 60 s"
+                            )
+                            await asyncio.sleep(0.005)
+                        answered = [c for c in calls if c.done()]
+                        held = batcher.active_keys
+                        assert not any(c.result() for c in answered), (
+                            "served while the store was frozen"
+                        )
+                        assert QUEUE_BOUND < held <= most_held
+                    finally:
+                        store.process.send_signal(signal.SIGCONT)
+                    outcomes = await asyncio.gather(*calls)
+                    assert sum(outcomes) == held  # every held step served, the rest refused
+                    held_per_round.append(held)
+                    served += held
+                    refused += BURST - held
+                    seqs = await asyncio.gather(
+                        *(stub.GetSession(pb.SessionRef(model="lstm", session_id=s)) for s in ids)
+                    )
+                    # Served steps applied once; refused ones not at all.
+                    assert [info.seq for info in seqs] == [int(ok) for ok in outcomes]
+                    for session in ids:
+                        await stub.EndSession(pb.SessionRef(model="lstm", session_id=session))
+                    rss.append(rss_bytes(os.getpid()))
+                assert batcher.queued == 0 and batcher.active_keys == 0
+    finally:
+        store.kill()
+    count, total = (
+        a - b for a, b in zip(_duration("RESOURCE_EXHAUSTED"), refused_before, strict=True)
+    )
+    assert count == refused
     print(
-        f"backpressure: {ROUNDS} bursts of {BURST} concurrent steps, queue bound {QUEUE_BOUND}: "
-        f"{served} served, {refused} RESOURCE_EXHAUSTED (median {statistics.median(refused_s) * 1000:.0f} ms, "
-        f"served median {statistics.median(served_s) * 1000:.0f} ms); "
-        f"test-process RSS per burst (MiB): {[round(r / 2**20) for r in rss]}"
+        f"backpressure: {ROUNDS} bursts of {BURST} concurrent steps, queue bound {QUEUE_BOUND}, "
+        f"store frozen: held {held_per_round}, {served} served after it, {refused} "
+        f"RESOURCE_EXHAUSTED while it lasted; refusals server-side: mean "
+        f"{total / count * 1000:.2f} ms, all under {_slowest_bucket('RESOURCE_EXHAUSTED', count) * 1000:g} ms "
+        f"(cumulative over the process); test-process RSS per burst (MiB): "
+        f"{[round(r / 2**20) for r in rss]}"
     )
