@@ -6,12 +6,18 @@ answers metadata queries with it; none of that needs Keras tensors.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+
+@functools.cache
+def _numpy_dtype(name: str) -> np.dtype[Any]:
+    return np.dtype(name)
 
 
 @dataclass(frozen=True)
@@ -24,7 +30,7 @@ class TensorSpec:
 
     @property
     def numpy_dtype(self) -> np.dtype[Any]:
-        return np.dtype(self.dtype)
+        return _numpy_dtype(self.dtype)
 
     @property
     def nbytes(self) -> int:

@@ -27,7 +27,9 @@ import platform
 import queue
 import random
 import shlex
+import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -45,7 +47,8 @@ PEERS = ("echo", "unbatched", "memory", "redis", "redis-x2", "triton")
 class Workers:
     """`count` load-generator processes, started once, given one point at a time."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, profile_dir: Path | None = None) -> None:
+        self.profile_dir = profile_dir
         ctx = mp.get_context("spawn")
         self.count = count
         self.jobs = [ctx.Queue() for _ in range(count)]
@@ -74,6 +77,28 @@ class Workers:
         for process in self.processes:
             process.start()
 
+    def _profile(
+        self, peer: Peer, label: str, at: float, duration_s: float
+    ) -> threading.Thread | None:
+        """`--profile DIR`: py-spy samples the peer's first process over the measured
+        window into DIR/<label>.txt (collapsed stacks, one per thread, idle included)."""
+        if self.profile_dir is None or not peer.pids():
+            return None
+        out = self.profile_dir / (label.replace(" ", "-") + ".txt")
+        command = [
+            str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(peer.pids()[0]),
+            "--duration", str(max(1, round(duration_s))), "--rate", "250", "--format", "raw",
+            "--threads", "--idle", "--nonblocking", *os.environ.get("PYSPY_EXTRA", "").split(), "--output", str(out),
+        ]  # fmt: skip
+
+        def record() -> None:
+            time.sleep(max(0.0, at - time.time()))
+            subprocess.run(command, check=False, capture_output=True)
+
+        thread = threading.Thread(target=record, daemon=True)
+        thread.start()
+        return thread
+
     def run(self, jobs: list[Job], label: str, peer: Peer) -> list[Result]:
         self.go.clear()
         self.crashed = False
@@ -95,6 +120,7 @@ class Workers:
         self.go.set()
         job = jobs[0]
         end = start_at + job.warmup_s + job.duration_s
+        profiler = self._profile(peer, label, start_at + job.warmup_s, job.duration_s)
         last_t, last_n = time.time(), done0
         results: list[Result] = []
         while len(results) < len(jobs):
@@ -120,6 +146,8 @@ class Workers:
                 self.crashed = True
                 sys.stderr.write(f"\n  peer {peer.name} died:\n{peer.log_tail()[-1500:]}\n")
         sys.stderr.write("\r" + " " * 110 + "\r")
+        if profiler is not None:
+            profiler.join()
         # CPU per step over the whole point (warm-up included): what one step costs the
         # server and the load generator, however busy the machine is.
         steps = max(1, sum(c.value for c in self.counters) - done0)
@@ -217,6 +245,12 @@ def main() -> None:
     parser.add_argument("--triton-venv", type=Path, default=ROOT / ".venv-triton")
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "bench_grpc")
     parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="py-spy each point's server (first process) over the measured window into DIR",
+    )
+    parser.add_argument(
         "--rnnserve-args",
         default="",
         help="extra `rnnserve serve` flags for every rnnserve peer (one string)",
@@ -246,7 +280,9 @@ def main() -> None:
         args.triton_venv,
         tuple(shlex.split(args.rnnserve_args)),
     )
-    workers = Workers(args.workers)
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    workers = Workers(args.workers, args.profile)
     started = time.time()
     meta: dict[str, Any] = {
         "command": command,

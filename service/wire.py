@@ -36,26 +36,30 @@ SERVED_DTYPES = frozenset(
     }
 )
 MAX_DIMS = 8
+# Wire dtypes are little-endian whatever the host; on a little-endian host these are
+# the native dtypes, and encoding needs no byte swap.
+_WIRE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in SERVED_DTYPES}
 
 
 def decode_tensor(tensor: pb.Tensor, *, role: str = "tensor") -> np.ndarray:
     """A read-only numpy view of the tensor's bytes, after checking they fit."""
-    name = tensor.name or "<unnamed>"
-    if tensor.dtype not in SERVED_DTYPES:
+    dtype = _WIRE_DTYPES.get(tensor.dtype)
+    if dtype is None:
         raise InvalidArgument(
-            f"{role} {name!r}: dtype {tensor.dtype!r} is not one of {sorted(SERVED_DTYPES)}"
+            f"{role} {tensor.name or '<unnamed>'!r}: dtype {tensor.dtype!r} is not one of "
+            f"{sorted(SERVED_DTYPES)}"
         )
-    shape = tuple(int(d) for d in tensor.shape)
-    if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
-        raise InvalidArgument(f"{role} {name!r}: invalid shape {list(shape)}")
-    dtype = np.dtype(tensor.dtype).newbyteorder("<")
+    shape = tuple(tensor.shape)
+    if len(shape) > MAX_DIMS or (shape and min(shape) < 0):
+        raise InvalidArgument(f"{role} {tensor.name or '<unnamed>'!r}: invalid shape {list(shape)}")
+    data = tensor.data
     expected = math.prod(shape) * dtype.itemsize
-    if expected != len(tensor.data):
+    if expected != len(data):
         raise InvalidArgument(
-            f"{role} {name!r}: shape {list(shape)} x {dtype.itemsize} byte(s) needs "
-            f"{expected} bytes of data, got {len(tensor.data)}"
+            f"{role} {tensor.name or '<unnamed>'!r}: shape {list(shape)} x {dtype.itemsize} "
+            f"byte(s) needs {expected} bytes of data, got {len(data)}"
         )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def decode_named(tensors: Iterable[pb.Tensor], *, role: str) -> dict[str, np.ndarray]:
@@ -70,19 +74,21 @@ def decode_named(tensors: Iterable[pb.Tensor], *, role: str) -> dict[str, np.nda
     return arrays
 
 
-def encode_tensor(name: str, array: Any) -> pb.Tensor:
+def encode_tensor(name: str, array: Any, *, dtype_name: str | None = None) -> pb.Tensor:
+    """`dtype_name`: the array's dtype name when the caller knows it (a signature's)."""
     value = np.asarray(array)
-    little = value.astype(value.dtype.newbyteorder("<"), copy=False)
-    return pb.Tensor(
-        name=name,
-        dtype=value.dtype.name,
-        shape=list(value.shape),
-        data=np.ascontiguousarray(little).tobytes(),
-    )
+    if dtype_name is None or _WIRE_DTYPES.get(dtype_name) != value.dtype:
+        dtype_name = value.dtype.name
+        value = value.astype(value.dtype.newbyteorder("<"), copy=False)
+    # tobytes() writes C order whatever the array's layout.
+    return pb.Tensor(name=name, dtype=dtype_name, shape=value.shape, data=value.tobytes())
 
 
 def encode_named(specs: Sequence[TensorSpec], arrays: Sequence[Any]) -> list[pb.Tensor]:
-    return [encode_tensor(spec.name, array) for spec, array in zip(specs, arrays, strict=True)]
+    return [
+        encode_tensor(spec.name, array, dtype_name=spec.dtype)
+        for spec, array in zip(specs, arrays, strict=True)
+    ]
 
 
 def spec_message(spec: TensorSpec) -> pb.TensorSpec:

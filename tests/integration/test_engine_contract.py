@@ -375,6 +375,44 @@ async def test_bad_requests_fail_alone(
         assert (await engine.get("lstm", "a")).seq == len(ok)
 
 
+async def test_nonfinite_steps_fail_alone_in_their_batch(
+    make_store: Callable[[], StateStore], namespace: str, lstm
+) -> None:
+    """The nonfinite policy is applied per batch: in one batch of 8 sessions, the steps
+    holding NaN or Inf are refused (their sessions unchanged), the others applied; with
+    `reject_nonfinite=False` the same steps are applied."""
+    _, step = lstm
+    rng = np.random.default_rng(3)
+    xs = rng.standard_normal((8, FEATURES)).astype("float32")
+    xs[2, 1] = np.nan
+    xs[5, 0] = -np.inf
+    bad = {2, 5}
+    async with engine_for(
+        make_store(), namespace, step, max_queue_delay_s=0.05, idle_dispatch=False
+    ) as engine:
+        sessions = [f"nf{i}" for i in range(8)]
+        await asyncio.gather(*(engine.start("lstm", s) for s in sessions))
+        outcomes = await asyncio.gather(
+            *(engine.step("lstm", s, [x]) for s, x in zip(sessions, xs, strict=True)),
+            return_exceptions=True,
+        )
+        assert engine.runner("lstm").batcher.stats.batches == 1  # one batch held them all
+        for i, outcome in enumerate(outcomes):
+            if i in bad:
+                assert isinstance(outcome, InvalidArgument), outcome
+                assert "NaN or infinite" in str(outcome)
+            else:
+                assert not isinstance(outcome, BaseException), outcome
+                want = offline_run(step, xs[i : i + 1])[0][0]
+                np.testing.assert_allclose(outcome.outputs[0], want, atol=ATOL)
+        seqs = [(await engine.get("lstm", s)).seq for s in sessions]
+        assert seqs == [0 if i in bad else 1 for i in range(8)]
+    async with engine_for(make_store(), namespace, step, reject_nonfinite=False) as engine:
+        await engine.start("lstm", "allowed")
+        result = await engine.step("lstm", "allowed", [xs[2]])
+        assert result.seq == 1
+
+
 class LostReply:
     """A real store whose next commit is applied but answered with StoreUnavailable
     (the reply lost on the wire): the ambiguous failure exactly-once must survive."""
