@@ -47,8 +47,11 @@ PEERS = ("echo", "unbatched", "memory", "redis", "redis-x2", "triton")
 class Workers:
     """`count` load-generator processes, started once, given one point at a time."""
 
-    def __init__(self, count: int, profile_dir: Path | None = None) -> None:
+    def __init__(
+        self, count: int, profile_dir: Path | None = None, profile_gil: bool = False
+    ) -> None:
         self.profile_dir = profile_dir
+        self.profile_gil = profile_gil
         ctx = mp.get_context("spawn")
         self.count = count
         self.jobs = [ctx.Queue() for _ in range(count)]
@@ -88,7 +91,8 @@ class Workers:
         command = [
             str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(peer.pids()[0]),
             "--duration", str(max(1, round(duration_s))), "--rate", "250", "--format", "raw",
-            "--threads", "--idle", "--nonblocking", *os.environ.get("PYSPY_EXTRA", "").split(), "--output", str(out),
+            "--threads", "--idle", "--nonblocking", "--output", str(out),
+            *(["--gil"] if self.profile_gil else []),
         ]  # fmt: skip
 
         def record() -> None:
@@ -251,6 +255,11 @@ def main() -> None:
         help="py-spy each point's server (first process) over the measured window into DIR",
     )
     parser.add_argument(
+        "--profile-gil",
+        action="store_true",
+        help="with --profile: sample only the thread holding the GIL (where the GIL goes)",
+    )
+    parser.add_argument(
         "--rnnserve-args",
         default="",
         help="extra `rnnserve serve` flags for every rnnserve peer (one string)",
@@ -282,7 +291,7 @@ def main() -> None:
     )
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
-    workers = Workers(args.workers, args.profile)
+    workers = Workers(args.workers, args.profile, args.profile_gil)
     started = time.time()
     meta: dict[str, Any] = {
         "command": command,
