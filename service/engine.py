@@ -628,6 +628,31 @@ class SessionEngine:
         The step reaches the batcher before this coroutine first suspends, so steps
         started in some order (tasks created in that order) are applied in that order.
         """
+        return await self.submit_step(
+            model,
+            session_id,
+            inputs,
+            seq=seq,
+            request_id=request_id,
+            version=version,
+            namespace=namespace,
+        )
+
+    def submit_step(
+        self,
+        model: str,
+        session_id: str,
+        inputs: Tensors,
+        *,
+        seq: int | None = None,
+        request_id: str | None = None,
+        version: str | None = None,
+        namespace: str | None = None,
+    ) -> asyncio.Future[StepResult]:
+        """`step` without the coroutine: checks the step and queues it now (raising
+        what `step` raises for a bad request), and gives the future of its result.
+        Steps submitted in some order are applied in that order; cancelling the
+        future drops the step if it is not batched yet. Call it on the event loop."""
         runner = self.runner(model, version)
         key = self._key(model, session_id, namespace)
         # The nonfinite policy is applied per batch, in one vectorized pass (`_handle`).
@@ -636,7 +661,7 @@ class SessionEngine:
             raise InvalidArgument(f"seq must be >= 0, got {seq}")
         rid = self._request_id(request_id)
         step = _Step(session_id, arrays, seq, rid, None, rid.encode())
-        return await runner.batcher.submit(key, step)
+        return runner.batcher.submit(key, step)
 
     async def run_sequence(
         self,

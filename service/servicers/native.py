@@ -6,6 +6,7 @@ the engine's business; errors become status codes in `status.py`.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,7 +19,7 @@ from rnnserve.service.engine import SessionEngine, SessionInfo, StepResult
 from rnnserve.service.errors import InvalidArgument
 from rnnserve.service.record import SessionRecord
 from rnnserve.service.repository import ModelCatalog
-from rnnserve.service.servicers._streams import answer_concurrently
+from rnnserve.service.servicers._streams import answer_submitted
 from rnnserve.service.status import describe, namespace_var
 from rnnserve.service.wire import decode_named, encode_named, encode_tensor, spec_message
 
@@ -53,10 +54,10 @@ class RecurrentServicer(pb_grpc.RecurrentServicer):  # type: ignore[misc]
         specs = self.engine.runner(model, version or None).signature.outputs
         return encode_named(specs, result.outputs)
 
-    async def _step(self, request: pb.StepRequest) -> pb.StepResponse:
+    def _submit(self, request: pb.StepRequest) -> asyncio.Future[StepResult]:
         if not request.session_id:
             raise InvalidArgument("session_id is required")
-        result = await self.engine.step(
+        return self.engine.submit_step(
             request.model,
             request.session_id,
             decode_named(request.inputs, role="input"),
@@ -65,6 +66,8 @@ class RecurrentServicer(pb_grpc.RecurrentServicer):  # type: ignore[misc]
             version=request.version or None,
             namespace=namespace_var.get(),
         )
+
+    def _reply(self, request: pb.StepRequest, result: StepResult) -> pb.StepResponse:
         return pb.StepResponse(
             session_id=request.session_id,
             seq=result.seq,
@@ -72,6 +75,9 @@ class RecurrentServicer(pb_grpc.RecurrentServicer):  # type: ignore[misc]
             replayed=result.replayed,
             request_id=request.request_id,
         )
+
+    async def _step(self, request: pb.StepRequest) -> pb.StepResponse:
+        return self._reply(request, await self._submit(request))
 
     # -- sessions ------------------------------------------------------------------
     async def StartSession(
@@ -98,18 +104,29 @@ class RecurrentServicer(pb_grpc.RecurrentServicer):  # type: ignore[misc]
     async def StepStream(
         self, requests: AsyncIterator[pb.StepRequest], context: aio.ServicerContext
     ) -> AsyncIterator[pb.StepResponse]:
-        async def answer(request: pb.StepRequest) -> pb.StepResponse:
-            try:
-                return await self._step(request)
-            except Exception as exc:  # one bad step must not end the stream
-                code, message = describe(exc)
-                return pb.StepResponse(
-                    session_id=request.session_id,
-                    request_id=request.request_id,
-                    error=pb.Error(code=code.value[0], message=message),
-                )
+        # One future per step, no task per message: a stream carries many sessions'
+        # steps, and its per-message cost is most of what a streamed step costs.
+        def failed(request: pb.StepRequest, exc: BaseException) -> pb.StepResponse:
+            code, message = describe(exc)  # one bad step must not end the stream
+            return pb.StepResponse(
+                session_id=request.session_id,
+                request_id=request.request_id,
+                error=pb.Error(code=code.value[0], message=message),
+            )
 
-        async for reply in answer_concurrently(requests, answer, window=STREAM_WINDOW):
+        def submit(request: pb.StepRequest) -> pb.StepResponse | asyncio.Future[StepResult]:
+            try:
+                return self._submit(request)
+            except Exception as exc:
+                return failed(request, exc)
+
+        def finish(request: pb.StepRequest, future: asyncio.Future[StepResult]) -> pb.StepResponse:
+            try:
+                return self._reply(request, future.result())
+            except (Exception, asyncio.CancelledError) as exc:  # cancelled: the stream closes
+                return failed(request, exc)
+
+        async for reply in answer_submitted(requests, submit, finish, window=STREAM_WINDOW):
             yield reply
 
     async def RunSequence(
