@@ -8,7 +8,7 @@ from rnnserve.core._convert import ConversionError, from_keras
 from rnnserve.core._graph import StepLayout
 from rnnserve.core._sequential import RecurrentSequential
 from rnnserve.core._signature import StepSignature, TensorSpec
-from rnnserve.core._step import StepFunction, bucket_sizes, step_signature
+from rnnserve.core._step import StepFunction, bucket_sizes, set_compute_threads, step_signature
 
 __all__ = [
     "ConversionError",
@@ -21,5 +21,6 @@ __all__ = [
     "TensorSpec",
     "bucket_sizes",
     "from_keras",
+    "set_compute_threads",
     "step_signature",
 ]

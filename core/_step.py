@@ -105,6 +105,28 @@ def _compiler(
     return lambda bucket: run_eager
 
 
+def set_compute_threads(threads: int) -> bool:
+    """Let one model step use at most `threads` CPU threads (TensorFlow's intra-op pool).
+
+    Call it before the first TensorFlow op runs; False if it came too late (the pool
+    is fixed once the runtime starts) or the backend is not TensorFlow (JAX reads
+    `XLA_FLAGS` at start-up instead). On a small machine a serving process wants its
+    event loop to keep a core: with one thread a step costs less CPU in all (no pool
+    hand-offs or spinning), though a large batch takes longer.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    if tf.config.threading.get_intra_op_parallelism_threads() == threads:
+        return True
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+    except RuntimeError:  # "... cannot be modified after initialization"
+        return False
+    return True
+
+
 class StepFunction:
     """`(inputs, constants, states) -> (outputs, new_states)` for any batch size.
 

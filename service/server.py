@@ -26,6 +26,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from rnnserve.core import set_compute_threads
 from rnnserve.service._generated.inference import grpc_service_pb2 as kserve_pb2
 from rnnserve.service._generated.inference import grpc_service_pb2_grpc as kserve_grpc
 from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
@@ -171,6 +172,11 @@ class RnnserveServer:
         logger.info(
             "listening on %s:%d (%s)", settings.host, port, "TLS" if credentials else "plaintext"
         )
+        threads = settings.compute_threads or max(1, len(os.sched_getaffinity(0)) - 1)
+        if set_compute_threads(threads):
+            logger.info("model steps use up to %d CPU thread(s)", threads)
+        else:
+            logger.info("compute_threads=%d not applied (runtime already started)", threads)
         for line in await self.repository.sync():
             logger.info("repository: %s", line)
         if settings.repository_poll_s > 0:

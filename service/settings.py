@@ -59,6 +59,12 @@ class Settings(BaseSettings):
         "reject", description="NaN/Inf in float inputs, constants, initial states: reject or allow"
     )
     warmup: bool = Field(True, description="compile every batch bucket before serving")
+    compute_threads: int = Field(
+        0,
+        ge=0,
+        description="CPU threads one model step may use (TensorFlow intra-op); 0: one less "
+        "than the CPUs this process may run on, at least 1 (the event loop keeps a core)",
+    )
 
     # -- state store -----------------------------------------------------------------
     redis_url: str | None = Field(

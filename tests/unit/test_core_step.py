@@ -293,3 +293,32 @@ def test_core_runs_under_the_jax_backend(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "jax ok" in result.stdout
+
+
+_THREADS_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np
+    import tensorflow as tf
+    from rnnserve.core import set_compute_threads
+
+    assert set_compute_threads(1)  # before the runtime starts: applied
+    assert tf.config.threading.get_intra_op_parallelism_threads() == 1
+    tf.constant(np.ones(3)) + 1  # the runtime starts
+    assert set_compute_threads(1)  # what is set already: fine
+    assert not set_compute_threads(3)  # too late to change: refused, not raised
+    print("threads ok")
+    """
+)
+
+
+def test_set_compute_threads_before_and_after_start(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _THREADS_SCRIPT],
+        env={**os.environ, "KERAS_BACKEND": "tensorflow"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "threads ok" in result.stdout
