@@ -86,8 +86,8 @@ def reference(repo: Path, name: str, xs: np.ndarray, constants: Any = None) -> n
     if recurrent.layout.n_constants:
         # The saved model wraps the RecurrentModel; run its layer directly.
         layer = next(lyr for lyr in model.layers if isinstance(lyr, RecurrentModel))
-        return keras.ops.convert_to_numpy(layer(xs, constants=[constants]))
-    return keras.ops.convert_to_numpy(recurrent(xs))
+        return np.asarray(keras.ops.convert_to_numpy(layer(xs, constants=[constants])))
+    return np.asarray(keras.ops.convert_to_numpy(recurrent(xs)))
 
 
 class ServerThread:
