@@ -280,19 +280,24 @@ _JAX_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(find_spec("jax") is None, reason="jax is not installed")
-def test_core_runs_under_the_jax_backend(tmp_path: Path) -> None:
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+def _run_script(script: str, cwd: Path, **env: str) -> str:
+    """Run `script` in a fresh interpreter (backends and thread pools are per process)."""
     result = subprocess.run(
-        [sys.executable, "-c", _JAX_SCRIPT],
-        env=env,
-        cwd=tmp_path,
+        [sys.executable, "-c", script],
+        env={**os.environ, **env},
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "jax ok" in result.stdout
+    return result.stdout
+
+
+@pytest.mark.skipif(find_spec("jax") is None, reason="jax is not installed")
+def test_core_runs_under_the_jax_backend(tmp_path: Path) -> None:
+    out = _run_script(_JAX_SCRIPT, tmp_path, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    assert "jax ok" in out
 
 
 _THREADS_SCRIPT = textwrap.dedent(
@@ -312,13 +317,4 @@ _THREADS_SCRIPT = textwrap.dedent(
 
 
 def test_set_compute_threads_before_and_after_start(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", _THREADS_SCRIPT],
-        env={**os.environ, "KERAS_BACKEND": "tensorflow"},
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "threads ok" in result.stdout
+    assert "threads ok" in _run_script(_THREADS_SCRIPT, tmp_path, KERAS_BACKEND="tensorflow")
