@@ -238,7 +238,9 @@ def main() -> None:
     parser.add_argument("--peers", nargs="+", default=list(PEERS))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--sessions", nargs="+", type=int, default=[16, 64, 256, 1024])
-    parser.add_argument("--model", default="lstm256", choices=("lstm256", "gru256", "stacked"))
+    parser.add_argument(
+        "--model", default="lstm256", choices=("lstm256", "gru256", "stacked", "lstm1024")
+    )
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per point")
     parser.add_argument("--warmup", type=float, default=1.5, help="unmeasured seconds first")
     parser.add_argument("--workers", type=int, default=2, help="load-generator processes")
@@ -279,7 +281,7 @@ def main() -> None:
 
     command = ".venv/bin/python loadtests/bench_grpc.py " + shlex.join(sys.argv[1:])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from loadtests.harness.models import write_repository
+    from loadtests.harness.models import features, write_repository
 
     write_repository(args.repository, (args.model,))
     peers = build_peers(
@@ -346,6 +348,7 @@ def main() -> None:
                                 chunk=args.chunk,
                                 stream_width=args.stream_width,
                                 sequence_base=sequence_base,
+                                features=features(args.model),
                             )
                             for n, first in parts
                         ]

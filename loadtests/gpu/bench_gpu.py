@@ -12,9 +12,9 @@ machine). For LSTM(1024) over 256 features + Dense(256), at batch 1..4096:
 
     KERAS_BACKEND=jax python loadtests/gpu/bench_gpu.py [--batches 1 64 1024 4096]
 
-On the device machine (Python 3.12): carry keras, namex and optree wheels as
-/work/.library/device/README.md says (`.whl`), install them with --target /tmp/site,
-PYTHONPATH=/tmp/site:core-parent. Prints a Markdown table; --json writes the numbers.
+On the device machine (Python 3.12) `loadtests/gpu/device.sh` runs it, with the wheels
+that `loadtests/gpu/fetch_wheels.sh` prepares, and then the full server (see there).
+Prints a Markdown table; --json writes the numbers.
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ class Job:
     chunk: int = 16
     stream_width: int = 64
     sequence_base: int = 0  # kserve: sequence ids are sequence_base + session index + 1
+    features: int = FEATURES  # the model's input size
 
 
 @dataclass
@@ -84,8 +85,8 @@ class _Clock:
         return time.time() < self.end
 
 
-def _x(rng: np.random.Generator, steps: int | None = None) -> np.ndarray:
-    shape = (FEATURES,) if steps is None else (steps, FEATURES)
+def _x(rng: np.random.Generator, features: int, steps: int | None = None) -> np.ndarray:
+    shape = (features,) if steps is None else (steps, features)
     return rng.normal(size=shape).astype(np.float32)
 
 
@@ -121,13 +122,13 @@ async def _native(job: Job, clock: _Clock, ready: Any) -> None:
             )
 
     await asyncio.gather(*(start(i) for i in range(job.sessions)))
-    x_bytes = [_x(rng).tobytes() for _ in range(job.sessions)]
+    x_bytes = [_x(rng, job.features).tobytes() for _ in range(job.sessions)]
 
     def step_request(i: int) -> Any:
         return pb.StepRequest(
             model=job.model,
             session_id=ids[i],
-            inputs=[pb.Tensor(name="x", dtype="float32", shape=[FEATURES], data=x_bytes[i])],
+            inputs=[pb.Tensor(name="x", dtype="float32", shape=[job.features], data=x_bytes[i])],
         )
 
     start_at = await ready()
@@ -147,11 +148,11 @@ async def _native(job: Job, clock: _Clock, ready: Any) -> None:
 
     async def runseq_session(i: int) -> None:
         stub = stub_of(i)
-        xs = _x(rng, job.chunk).tobytes()
+        xs = _x(rng, job.features, job.chunk).tobytes()
         request = pb.RunSequenceRequest(
             model=job.model,
             session_id=ids[i],
-            inputs=[pb.Tensor(name="x", dtype="float32", shape=[job.chunk, FEATURES], data=xs)],
+            inputs=[pb.Tensor(name="x", dtype="float32", shape=[job.chunk, job.features], data=xs)],
         )
         await _sleep_until(start_at)
         while clock.running:
@@ -244,8 +245,8 @@ async def _kserve(job: Job, clock: _Clock, ready: Any) -> None:
         return job.sequence_base + job.first_session + i + 1
 
     def inputs(i: int) -> list[Any]:
-        x = tc.InferInput("x", [1, FEATURES], "FP32")
-        x.set_data_from_numpy(_x(rng)[None])
+        x = tc.InferInput("x", [1, job.features], "FP32")
+        x.set_data_from_numpy(_x(rng, job.features)[None])
         return [x]
 
     start_at = await ready()
