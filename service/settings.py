@@ -63,7 +63,8 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="CPU threads one model step may use (TensorFlow intra-op); 0: one less "
-        "than the CPUs this process may run on, at least 1 (the event loop keeps a core)",
+        "than the CPUs this process may use (affinity and cgroup CPU limit), at least 1 "
+        "(the event loop keeps a core)",
     )
 
     # -- state store -----------------------------------------------------------------
