@@ -235,7 +235,6 @@ class ModelRunner:
         self.metrics = RunnerMetrics(name, version, queue_capacity=config.max_queue_size)
         self._store = store
         sig = self.signature
-        self._input_specs = sig.inputs
         self.codec = RecordCodec(
             model=name,
             version=version,
@@ -310,7 +309,7 @@ class ModelRunner:
     def _nonfinite_rows(self, stacked: list[np.ndarray]) -> dict[int, BaseException]:
         """Rows of the batch whose float inputs hold NaN or +-Inf, with their error."""
         refused: dict[int, BaseException] = {}
-        for spec, x in zip(self._input_specs, stacked, strict=True):
+        for spec, x in zip(self.signature.inputs, stacked, strict=True):
             if x.dtype.kind != "f" or np.isfinite(x).all():
                 continue
             bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
@@ -338,7 +337,8 @@ class ModelRunner:
         metrics.batch_size.observe(len(batch))
         results: list[StepResult | BaseException | Retry] = [RETRY] * len(batch)
         stacked = [
-            np.stack([r.payload.inputs[j] for r in batch]) for j in range(len(self._input_specs))
+            np.stack([r.payload.inputs[j] for r in batch])
+            for j in range(len(self.signature.inputs))
         ]
         refused = self._nonfinite_rows(stacked) if self.config.reject_nonfinite else {}
         for i, error in refused.items():

@@ -43,21 +43,21 @@ _WIRE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in SERVED_DTYPES
 
 def decode_tensor(tensor: pb.Tensor, *, role: str = "tensor") -> np.ndarray:
     """A read-only numpy view of the tensor's bytes, after checking they fit."""
+    name = tensor.name or "<unnamed>"
     dtype = _WIRE_DTYPES.get(tensor.dtype)
     if dtype is None:
         raise InvalidArgument(
-            f"{role} {tensor.name or '<unnamed>'!r}: dtype {tensor.dtype!r} is not one of "
-            f"{sorted(SERVED_DTYPES)}"
+            f"{role} {name!r}: dtype {tensor.dtype!r} is not one of {sorted(SERVED_DTYPES)}"
         )
     shape = tuple(tensor.shape)
     if len(shape) > MAX_DIMS or (shape and min(shape) < 0):
-        raise InvalidArgument(f"{role} {tensor.name or '<unnamed>'!r}: invalid shape {list(shape)}")
+        raise InvalidArgument(f"{role} {name!r}: invalid shape {list(shape)}")
     data = tensor.data
     expected = math.prod(shape) * dtype.itemsize
     if expected != len(data):
         raise InvalidArgument(
-            f"{role} {tensor.name or '<unnamed>'!r}: shape {list(shape)} x {dtype.itemsize} "
-            f"byte(s) needs {expected} bytes of data, got {len(data)}"
+            f"{role} {name!r}: shape {list(shape)} x {dtype.itemsize} byte(s) needs "
+            f"{expected} bytes of data, got {len(data)}"
         )
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 
