@@ -227,6 +227,37 @@ class DynamicBatcher(Generic[P, R]):
             self._wakeup.set()
         return request.future
 
+    def submit_many(self, items: Sequence[tuple[Hashable, P]]) -> list[asyncio.Future[R]]:
+        """Queue many requests at once, in order (all or none: `QueueFull` if they do
+        not all fit); one future each, as `submit` gives."""
+        if self._closing:
+            raise ShuttingDown(f"{self.name} is shutting down and takes no new requests")
+        if self._queued + len(items) > self.max_queue_size:
+            raise QueueFull(
+                f"{self.name}: {self._queued} requests queued and {len(items)} more offered "
+                f"(max_queue_size {self.max_queue_size}); retry later"
+            )
+        self.start()
+        assert self._wakeup is not None
+        create_future = asyncio.get_running_loop().create_future
+        now = time.perf_counter()
+        active, ready, waiting = self._active, self._ready, self._waiting
+        futures: list[asyncio.Future[R]] = []
+        for key, payload in items:
+            request: Request[P, R] = Request(key, payload, create_future(), now)
+            futures.append(request.future)
+            if key in active:
+                line = waiting.get(key)
+                if line is None:
+                    line = waiting[key] = deque()
+                line.append(request)
+            else:
+                active.add(key)
+                ready.append(request)
+        self._queued += len(items)
+        self._wakeup.set()
+        return futures
+
     async def call(self, key: Hashable, payload: P) -> R:
         """Submit and wait. Cancelling the caller drops the request if not yet batched."""
         return await self.submit(key, payload)

@@ -1,22 +1,10 @@
-"""`SessionEngine`: stateful steps of many sessions, batched across sessions.
+"""`SessionEngine`: the session lifecycle API over the loaded models.
 
-One `ModelRunner` per loaded model version owns the compiled `StepFunction`, a
-`DynamicBatcher` and an executor. A step travels (DESIGN §3)::
-
-    engine.step() -> batcher (one step per session per batch, in order)
-      -> store.load_many(keys)             one round trip
-      -> stack states, step in executor    the event loop never blocks
-      -> store.commit_many(commits)        one round trip, compare-and-set per session
-      -> each caller's future
-
-Semantics of a step on a session whose record is at `current` seq:
-
-- `seq is None`: applies in arrival order.
-- `seq == current`: applies; the reply carries `current + 1`.
-- `seq == current - 1` and the same request id as the step that made `current`: a
-  retry; the stored reply (last outputs) is returned and nothing changes.
-  (A step without `seq` but with the last step's request id is treated the same.)
-- otherwise: `SeqConflict` naming `current`.
+Start, step, step many sessions at once, run a sequence, end, reset, get, export and
+import. Each loaded model version has a `ModelRunner` (`runner.py`): its compiled
+`StepFunction`, a `DynamicBatcher` and the batch path (load, judge, compute, commit),
+which also holds the semantics of a step (seq, replays, conflicts, compare-and-set
+retries). This module checks requests, builds store keys and hands steps to runners.
 
 Every step carries a request id (the caller's, or a generated one) stored with the
 record; that is how a retry is recognised, and how the engine recognises its own
@@ -24,14 +12,7 @@ commit when a store reply was lost.
 
 Replica independence: the commit is a compare-and-set on the record's seq and
 incarnation, so two engines (two processes) can never both advance a session from
-the same seq. A step that loses the compare-and-set is retried: it goes back to the
-front of the batcher queue (its session's later steps keep waiting), is reloaded
-and re-judged by the rules above (so a step with `seq` then fails with
-`SeqConflict`, and one without `seq` applies on top of the winner's state). After
-`max_cas_retries` lost rounds it fails with `ConcurrentUpdate` (ABORTED), unapplied.
-
-If the store fails, the requests of that batch that would have written fail with
-`StoreUnavailable` and nothing is half-written (the commit is one atomic script).
+the same seq.
 """
 
 from __future__ import annotations
@@ -42,38 +23,38 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, cast
+from dataclasses import dataclass
 
 import numpy as np
 
-from rnnserve.core import StepFunction, StepSignature, TensorSpec
+from rnnserve.core import StepFunction, TensorSpec
 
-from .batcher import RETRY, DynamicBatcher, Request, Retry
 from .errors import (
     ConcurrentUpdate,
-    FailedPrecondition,
-    Internal,
     InvalidArgument,
     ModelNotFound,
     RnnserveError,
-    SeqConflict,
     SessionNotFound,
     ShuttingDown,
 )
-from .metrics import RunnerMetrics, session_ended
-from .record import (
-    RecordCodec,
-    RecordView,
-    SessionRecord,
-    cas_token,
-    new_incarnation,
-    read_header,
+from .metrics import session_ended
+from .record import SessionRecord, cas_token, new_incarnation, read_header
+from .runner import (
+    ModelRunner,
+    RunnerConfig,
+    RunnerStats,
+    Step,
+    StepResult,
+    Tensors,
+    check_finite,
+    check_tensors,
+    gather_outputs,
 )
-from .store import Commit, StateStore, session_key
+from .store import Commit, StateStore, check_session_id, key_prefix, session_key
 
 __all__ = [
+    "ManyResult",
+    "ManySteps",
     "ModelRunner",
     "RunnerConfig",
     "RunnerStats",
@@ -85,51 +66,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Tensors = Sequence[Any] | Mapping[str, Any]
 MAX_REQUEST_ID_LENGTH = 256
-
-
-@dataclass(frozen=True, kw_only=True)
-class RunnerConfig:
-    """How one model version is served (from the model repository's config).
-
-    - `max_batch_size`, `max_queue_delay_s`, `max_queue_size`, `max_batches_in_flight`,
-      `idle_dispatch`: the `DynamicBatcher`'s limits (a batch waits up to the delay for
-      more steps only while another batch is running, with `idle_dispatch`).
-    - `compute_threads`: executor threads for the model step (1: batches in flight
-      overlap store I/O with compute, but never run two steps at once).
-    - `idle_timeout_s`: a session's TTL in the store, refreshed by every step.
-    - `states_float16`: store floating states as float16 (half the bytes).
-    - `max_cas_retries`: how often a step that lost the compare-and-set to another
-      writer is reloaded and retried before it fails with `ConcurrentUpdate`.
-    - `max_sequence_length`: the most steps one `run_sequence` may take.
-    - `reject_nonfinite`: floating inputs, constants and initial states holding NaN or
-      +-Inf are INVALID_ARGUMENT (one such step would poison the session's state for
-      good); False lets them through to the model.
-    """
-
-    max_batch_size: int = 256
-    max_queue_delay_s: float = 0.002
-    max_queue_size: int = 8192
-    max_batches_in_flight: int = 2
-    idle_dispatch: bool = True
-    compute_threads: int = 1
-    idle_timeout_s: float = 3600.0
-    states_float16: bool = False
-    max_cas_retries: int = 16
-    max_sequence_length: int = 100_000
-    reject_nonfinite: bool = True
-
-
-@dataclass
-class RunnerStats:
-    """Counters of one runner (tests read them; metrics will)."""
-
-    applied: int = 0
-    replayed: int = 0
-    seq_conflicts: int = 0
-    cas_retries: int = 0
-    store_errors: int = 0
 
 
 @dataclass(frozen=True)
@@ -144,325 +81,89 @@ class SessionInfo:
 
 
 @dataclass(frozen=True)
-class StepResult:
-    """One step's outputs (one sample each, signature order) and the seq it left."""
-
-    outputs: list[np.ndarray]
-    seq: int
-    replayed: bool = False
-
-
-@dataclass(frozen=True)
 class SequenceResult:
     """All outputs of a `run_sequence` (time-major: `(T, ...)` each) and the final seq."""
 
     outputs: list[np.ndarray]
     seq: int
+    version: str = ""
+    output_specs: Sequence[TensorSpec] = ()
 
 
-@dataclass(eq=False, slots=True)
-class _Step:
-    session_id: str
-    inputs: list[np.ndarray]
-    seq: int | None
-    request_id: str
-    after: asyncio.Future[StepResult] | None = None  # the previous step of a run_sequence
-    request_id_bytes: bytes = field(default=b"")
+@dataclass(frozen=True, eq=False)
+class ManyResult:
+    """The rows of a `submit_many`, columnar: row k's error (None when it applied or
+    was replayed), seq after its step (0 when failed), whether it was a replay, and
+    the outputs stacked `(K, ...)` per signature output (zeros in failed rows)."""
+
+    version: str
+    output_specs: Sequence[TensorSpec]
+    errors: list[BaseException | None]
+    seqs: list[int]
+    replayed: list[bool]
+    outputs: list[np.ndarray]
 
 
-def _check_tensors(
-    values: Tensors | None, specs: Sequence[TensorSpec], role: str, *, leading: tuple[int, ...] = ()
-) -> list[np.ndarray]:
-    """Arrays in signature order, shaped `leading + spec.shape`, in the spec's dtype."""
-    if values is None:
-        values = []
-    if isinstance(values, Mapping):
-        unknown = sorted(set(values) - {s.name for s in specs})
-        if unknown:
-            raise InvalidArgument(
-                f"unknown {role} tensor(s) {unknown}; expected {[s.name for s in specs]}"
-            )
-        missing = [s.name for s in specs if s.name not in values]
-        if missing:
-            raise InvalidArgument(f"missing {role} tensor(s) {missing}")
-        values = [values[s.name] for s in specs]
-    if len(values) != len(specs):
-        raise InvalidArgument(
-            f"expected {len(specs)} {role} tensor(s) {[s.name for s in specs]}, got {len(values)}"
-        )
-    checked = []
-    for spec, value in zip(specs, values, strict=True):
-        array = np.asarray(value)
-        dtype = spec.numpy_dtype
-        shape = (*leading, *spec.shape)
-        if array.shape != shape:
-            raise InvalidArgument(f"{role} {spec.name!r}: shape {array.shape}, expected {shape}")
-        if array.dtype == dtype and array.flags.c_contiguous:
-            checked.append(array)  # the common case: a decoded wire tensor
-            continue
-        if array.dtype != dtype and not np.can_cast(array.dtype, dtype, "same_kind"):
-            raise InvalidArgument(f"{role} {spec.name!r}: dtype {array.dtype} is not {dtype}")
-        # np.asarray keeps 0-d arrays 0-d (ascontiguousarray would make them 1-d).
-        checked.append(np.asarray(array, dtype=dtype, order="C"))
-    return checked
+class ManySteps:
+    """The rows of a `submit_many` on their way: `done` resolves once every row is
+    settled; then `result()` gives the `ManyResult`. Cancelling `done` cancels the
+    rows not yet batched (a closed stream)."""
 
-
-def _check_finite(arrays: Sequence[np.ndarray], specs: Sequence[TensorSpec], role: str) -> None:
-    for spec, array in zip(specs, arrays, strict=True):
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise InvalidArgument(
-                f"{role} {spec.name!r} holds NaN or infinite values (nonfinite_inputs=reject)"
-            )
-
-
-class ModelRunner:
-    """One model version being served: its step function, codec, batcher and executor."""
+    __slots__ = ("_left", "done", "futures", "refused", "runner")
 
     def __init__(
         self,
-        name: str,
-        version: str,
-        step_fn: StepFunction,
-        store: StateStore,
-        config: RunnerConfig,
+        runner: ModelRunner,
+        futures: list[asyncio.Future[StepResult] | None],
+        refused: dict[int, BaseException],
     ) -> None:
-        self.name = name
-        self.version = version
-        self.step_fn = step_fn
-        self.signature: StepSignature = step_fn.signature
-        self.config = config
-        self.stats = RunnerStats()
-        self.metrics = RunnerMetrics(name, version, queue_capacity=config.max_queue_size)
-        self._store = store
-        sig = self.signature
-        self.codec = RecordCodec(
-            model=name,
-            version=version,
-            outputs=sig.outputs,
-            constants=sig.constants,
-            states=sig.states,
-            states_float16=config.states_float16,
-        )
-        self._zero_outputs = self.codec.output_rows(
-            [np.zeros((1, *s.shape), s.numpy_dtype) for s in sig.outputs], 1
-        )[0]
-        self._initial_states = self.codec.state_rows(sig.initial_states(1), 1)[0]
-        # One compute thread by default: batches in flight overlap their store I/O
-        # with the other's compute; two model steps at once would only fight over
-        # the cores (and starve the event loop) on a small machine.
-        self._executor = ThreadPoolExecutor(
-            max_workers=max(1, config.compute_threads),
-            thread_name_prefix=f"rnnserve-{name}-{version}",
-        )
-        self.batcher: DynamicBatcher[_Step, StepResult] = DynamicBatcher(
-            self._handle,
-            max_batch_size=config.max_batch_size,
-            max_queue_delay_s=config.max_queue_delay_s,
-            max_queue_size=config.max_queue_size,
-            max_batches_in_flight=config.max_batches_in_flight,
-            idle_dispatch=config.idle_dispatch,
-            on_batch=self._after_batch,
-            name=f"{name}:{version}",
-        )
+        self.runner = runner
+        self.futures = futures
+        self.refused = refused
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._left = len(futures) - len(refused)
+        if not self._left:
+            self.done.set_result(None)
+            return
+        for future in futures:
+            if future is not None:
+                future.add_done_callback(self._settled)
+        self.done.add_done_callback(self._finished)
 
-    def _after_batch(self, size: int, seconds: float) -> None:
-        self.metrics.batcher_state(self.batcher.queued, self.batcher.active_keys)
+    def _settled(self, _: asyncio.Future[StepResult]) -> None:
+        self._left -= 1
+        if not self._left and not self.done.done():
+            self.done.set_result(None)
 
-    def _timed_step(self, *arrays: Any) -> Any:
-        # In the executor: the model step alone, not its wait for the compute thread.
-        started = time.perf_counter()
-        try:
-            return self.step_fn(*arrays)
-        finally:
-            self.metrics.compute.observe(time.perf_counter() - started)
+    def _finished(self, done: asyncio.Future[None]) -> None:
+        if done.cancelled():
+            for future in self.futures:
+                if future is not None:
+                    future.cancel()
 
-    async def aclose(self) -> None:
-        await self.batcher.aclose()
-        self._executor.shutdown(wait=True)
-
-    # -- records outside the batch path -------------------------------------------
-    def new_record(
-        self,
-        *,
-        constants: list[np.ndarray],
-        states: list[np.ndarray] | None,
-        now: float,
-        created_at: float | None = None,
-    ) -> bytes:
-        codec = self.codec
-        return codec.encode(
-            seq=0,
-            incarnation=new_incarnation(),
-            created_at=now if created_at is None else created_at,
-            updated_at=now,
-            request_id=b"",
-            outputs=self._zero_outputs,
-            constants=codec.constant_rows([c[None] for c in constants], 1)[0],
-            states=(
-                self._initial_states
-                if states is None
-                else codec.state_rows([s[None] for s in states], 1)[0]
-            ),
-        )
-
-    # -- the batch handler ----------------------------------------------------------
-    def _nonfinite_rows(self, stacked: list[np.ndarray]) -> dict[int, BaseException]:
-        """Rows of the batch whose float inputs hold NaN or +-Inf, with their error."""
-        refused: dict[int, BaseException] = {}
-        for spec, x in zip(self.signature.inputs, stacked, strict=True):
-            if x.dtype.kind != "f" or np.isfinite(x).all():
-                continue
-            bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
-            for i in np.flatnonzero(bad).tolist():
-                refused.setdefault(
-                    i,
-                    InvalidArgument(
-                        f"input {spec.name!r} holds NaN or infinite values "
-                        "(nonfinite_inputs=reject)"
-                    ),
-                )
-        return refused
-
-    async def _handle(
-        self, batch: list[Request[_Step, StepResult]]
-    ) -> list[StepResult | BaseException | Retry]:
-        codec = self.codec
-        stats = self.stats
-        metrics = self.metrics
-        keys = cast(list[str], [r.key for r in batch])
-        started = time.perf_counter()
-        for request in batch:
-            if not request.attempts:
-                metrics.queue.observe(started - request.enqueued_at)
-        metrics.batch_size.observe(len(batch))
-        results: list[StepResult | BaseException | Retry] = [RETRY] * len(batch)
-        stacked = [
-            np.stack([r.payload.inputs[j] for r in batch])
-            for j in range(len(self.signature.inputs))
-        ]
-        refused = self._nonfinite_rows(stacked) if self.config.reject_nonfinite else {}
-        for i, error in refused.items():
-            results[i] = error
-        try:
-            raws = await self._store.load_many(keys)
-        except RnnserveError:
-            stats.store_errors += 1
-            metrics.store_errors.inc()
-            raise
-        metrics.state_load.observe(time.perf_counter() - started)
-        todo: list[int] = []
-        views: list[RecordView] = []
-        for i, (request, raw) in enumerate(zip(batch, raws, strict=True)):
-            if i in refused:
-                continue
-            step = request.payload
-            after = step.after
-            if (
-                after is not None
-                and after.done()
-                and (after.cancelled() or after.exception() is not None)
-            ):
-                results[i] = FailedPrecondition("an earlier step of this sequence failed")
-                continue
-            if raw is None:
-                metrics.expired.inc()
-                results[i] = SessionNotFound(
-                    f"session {step.session_id!r} of model {self.name!r} does not exist "
-                    "(never started, ended, or expired)"
-                )
-                continue
-            try:
-                view = codec.view(raw)
-            except RnnserveError as exc:
-                results[i] = exc
-                continue
-            if step.request_id == view.last_request_id and (
-                step.seq is None or step.seq == view.seq - 1
-            ):
-                stats.replayed += 1
-                metrics.replayed.inc()
-                results[i] = StepResult(
-                    codec.unstack_outputs([view.outputs])[0], view.seq, replayed=True
-                )
-            elif step.seq is None or step.seq == view.seq:
-                todo.append(i)
-                views.append(view)
+    def result(self) -> ManyResult:
+        """The outcome of every row (call once `done` has resolved)."""
+        n = len(self.futures)
+        errors: list[BaseException | None] = [None] * n
+        seqs = [0] * n
+        replayed = [False] * n
+        results: list[StepResult | None] = [None] * n
+        for k, future in enumerate(self.futures):
+            if future is None:
+                errors[k] = self.refused[k]
+            elif future.cancelled():
+                errors[k] = ShuttingDown("the step was cancelled before it ran")
+            elif (error := future.exception()) is not None:
+                errors[k] = error
             else:
-                stats.seq_conflicts += 1
-                metrics.seq_conflicts.inc()
-                results[i] = SeqConflict(
-                    f"session {step.session_id!r} is at seq {view.seq}; "
-                    f"the step expected seq {step.seq}",
-                    current_seq=view.seq,
-                )
-        if not todo:
-            return results
-        n = len(todo)
-        steps = [batch[i].payload for i in todo]
-        inputs = stacked if n == len(batch) else [x[todo] for x in stacked]
-        constants = codec.stack_constants(views)
-        states = codec.stack_states(views)
-        loop = asyncio.get_running_loop()
-        try:
-            outputs, new_states = await loop.run_in_executor(
-                self._executor, self._timed_step, inputs, constants, states
-            )
-        except Exception as exc:
-            logger.exception("model %s:%s step failed", self.name, self.version)
-            error = Internal(f"model {self.name!r} version {self.version!r} step failed")
-            error.__cause__ = exc
-            for i in todo:  # the replays and conflicts of this batch still stand
-                results[i] = error
-            return results
-        output_rows = codec.output_rows(outputs, n)
-        state_rows = codec.state_rows(new_states, n)
-        now = time.time()
-        ttl = self.config.idle_timeout_s
-        commits = [
-            Commit(
-                keys[i],
-                cas_token(view.seq, view.incarnation),
-                codec.encode(
-                    seq=view.seq + 1,
-                    incarnation=view.incarnation,
-                    created_at=view.created_at,
-                    updated_at=now,
-                    request_id=step.request_id_bytes,
-                    outputs=out_row,
-                    constants=view.constants,
-                    states=state_row,
-                ),
-                ttl,
-            )
-            for i, step, view, out_row, state_row in zip(
-                todo, steps, views, output_rows, state_rows, strict=True
-            )
-        ]
-        committing = time.perf_counter()
-        try:
-            applied = await self._store.commit_many(commits)
-        except RnnserveError as exc:
-            stats.store_errors += 1
-            metrics.store_errors.inc()
-            for i in todo:
-                results[i] = exc
-            return results
-        metrics.state_commit.observe(time.perf_counter() - committing)
-        for k, (i, view, ok) in enumerate(zip(todo, views, applied, strict=True)):
-            if ok:
-                stats.applied += 1
-                metrics.steps.inc()
-                results[i] = StepResult([o[k] for o in outputs], view.seq + 1)
-            elif batch[i].attempts < self.config.max_cas_retries:
-                stats.cas_retries += 1
-                metrics.cas_retries.inc()
-                results[i] = RETRY
-            else:
-                results[i] = ConcurrentUpdate(
-                    f"session {batch[i].payload.session_id!r} was changed by another writer "
-                    f"{batch[i].attempts + 1} times while this step ran; not applied"
-                )
-        return results
+                result = future.result()
+                results[k] = result
+                seqs[k] = result.seq
+                replayed[k] = result.replayed
+        specs = self.runner.output_specs
+        return ManyResult(
+            self.runner.version, specs, errors, seqs, replayed, gather_outputs(results, specs)
+        )
 
 
 class SessionEngine:
@@ -584,14 +285,14 @@ class SessionEngine:
         runner = self.runner(model, version)
         key = self._key(model, session_id, namespace)
         sig = runner.signature
-        consts = _check_tensors(constants, sig.constants, "constant")
+        consts = check_tensors(constants, sig.constants, "constant")
         states = (
-            None if initial_states is None else _check_tensors(initial_states, sig.states, "state")
+            None if initial_states is None else check_tensors(initial_states, sig.states, "state")
         )
         if runner.config.reject_nonfinite:
-            _check_finite(consts, sig.constants, "constant")
+            check_finite(consts, sig.constants, "constant")
             if states is not None:
-                _check_finite(states, sig.states, "state")
+                check_finite(states, sig.states, "state")
         now = time.time()
         raw = runner.new_record(constants=consts, states=states, now=now)
         await self.store.put(key, raw, runner.config.idle_timeout_s)
@@ -607,9 +308,9 @@ class SessionEngine:
         nonfinite policy), for protocols that must refuse a step before they change
         anything else, such as a KServe request that also starts its sequence."""
         runner = self.runner(model, version)
-        arrays = _check_tensors(inputs, runner.signature.inputs, "input")
+        arrays = check_tensors(inputs, runner.signature.inputs, "input")
         if runner.config.reject_nonfinite:
-            _check_finite(arrays, runner.signature.inputs, "input")
+            check_finite(arrays, runner.signature.inputs, "input")
         return arrays
 
     async def step(
@@ -656,12 +357,74 @@ class SessionEngine:
         runner = self.runner(model, version)
         key = self._key(model, session_id, namespace)
         # The nonfinite policy is applied per batch, in one vectorized pass (`_handle`).
-        arrays = _check_tensors(inputs, runner.signature.inputs, "input")
+        arrays = check_tensors(inputs, runner.signature.inputs, "input")
         if seq is not None and seq < 0:
             raise InvalidArgument(f"seq must be >= 0, got {seq}")
         rid = self._request_id(request_id)
-        step = _Step(session_id, arrays, seq, rid, None, rid.encode())
+        step = Step(session_id, arrays, seq, rid, None, rid.encode())
         return runner.batcher.submit(key, step)
+
+    def submit_many(
+        self,
+        model: str,
+        session_ids: Sequence[str],
+        inputs: Tensors,
+        *,
+        seqs: Sequence[int | None] | None = None,
+        request_ids: Sequence[str | None] | None = None,
+        version: str | None = None,
+        namespace: str | None = None,
+    ) -> ManySteps:
+        """One step of each of K sessions: row k of every input (shaped `(K, ...)`) is
+        session `session_ids[k]`'s step, with `seqs[k]` and `request_ids[k]` if given.
+
+        The rows are queued at once, in row order, as K `Step`s would be: each has
+        Step's semantics and its own outcome (a bad row never fails the others), and
+        two rows of one session are two consecutive steps of it. Raises for what
+        makes the whole message unusable (unknown model, inputs that are not K rows
+        of the signature's shape, ragged seqs or request ids, a full queue); then
+        nothing is queued. Call it on the event loop."""
+        runner = self.runner(model, version)
+        n = len(session_ids)
+        if n == 0:
+            raise InvalidArgument("a StepMany message needs at least one row (session id)")
+        for role, column in (("seqs", seqs), ("request ids", request_ids)):
+            if column and len(column) != n:
+                raise InvalidArgument(
+                    f"{len(column)} {role} for {n} rows: give none or one per row"
+                )
+        specs = runner.signature.inputs
+        if isinstance(inputs, Mapping):
+            for name, value in inputs.items():
+                count = np.shape(value)[0] if np.ndim(value) else 0
+                if count != n:
+                    raise InvalidArgument(
+                        f"input {name!r} has {count} rows; the message has {n} session ids"
+                    )
+        arrays = check_tensors(inputs, specs, "input", leading=(n,))
+        prefix = key_prefix(self.namespace if namespace is None else namespace, model)
+        refused: dict[int, BaseException] = {}
+        items: list[tuple[str, Step]] = []
+        rows: list[int] = []
+        for k, session_id in enumerate(session_ids):
+            seq = seqs[k] if seqs else None
+            given = request_ids[k] if request_ids else None
+            try:
+                check_session_id(session_id)
+                if seq is not None and seq < 0:
+                    raise InvalidArgument(f"seq must be >= 0, got {seq}")
+                rid = self._request_id(given or None)
+            except RnnserveError as exc:
+                refused[k] = exc
+                continue
+            step = Step(session_id, [a[k] for a in arrays], seq, rid, None, rid.encode())
+            items.append((prefix + session_id, step))
+            rows.append(k)
+        queued = runner.batcher.submit_many(items) if items else []
+        futures: list[asyncio.Future[StepResult] | None] = [None] * n
+        for k, future in zip(rows, queued, strict=True):
+            futures[k] = future
+        return ManySteps(runner, futures, refused)
 
     async def run_sequence(
         self,
@@ -698,7 +461,8 @@ class SessionEngine:
         outputs = [
             np.stack([r.outputs[j] for r in results]) for j in range(len(results[0].outputs))
         ]
-        return SequenceResult(outputs, results[-1].seq)
+        last = results[-1]
+        return SequenceResult(outputs, last.seq, last.version, last.output_specs)
 
     async def iter_sequence(
         self,
@@ -728,16 +492,16 @@ class SessionEngine:
         else:
             first = inputs[0] if len(inputs) else None
         if first is None:  # (a KeyError here was answered INTERNAL)
-            _check_tensors(inputs, specs, "input")  # names what is missing or unknown
+            check_tensors(inputs, specs, "input")  # names what is missing or unknown
             raise InvalidArgument(f"missing input tensor(s) {[specs[0].name]}")
         length = int(np.shape(first)[0]) if np.ndim(first) > 0 else 0
         if not 1 <= length <= runner.config.max_sequence_length:
             raise InvalidArgument(
                 f"a sequence needs 1 to {runner.config.max_sequence_length} steps, got {length}"
             )
-        arrays = _check_tensors(inputs, specs, "input", leading=(length,))
+        arrays = check_tensors(inputs, specs, "input", leading=(length,))
         if runner.config.reject_nonfinite:
-            _check_finite(arrays, specs, "input")
+            check_finite(arrays, specs, "input")
         if seq is not None and seq < 0:
             raise InvalidArgument(f"seq must be >= 0, got {seq}")
         base_rid = self._request_id(request_id)
@@ -745,7 +509,7 @@ class SessionEngine:
 
         def submit(t: int) -> None:
             rid = f"{base_rid}#{t}"
-            step = _Step(
+            step = Step(
                 session_id,
                 [a[t] for a in arrays],
                 None if seq is None else seq + t,
@@ -808,17 +572,17 @@ class SessionEngine:
             consts = (
                 runner.codec.stack_constants([view])
                 if constants is None
-                else [c[None] for c in _check_tensors(constants, sig.constants, "constant")]
+                else [c[None] for c in check_tensors(constants, sig.constants, "constant")]
             )
             states = (
                 None
                 if initial_states is None
-                else _check_tensors(initial_states, sig.states, "state")
+                else check_tensors(initial_states, sig.states, "state")
             )
             if runner.config.reject_nonfinite:
-                _check_finite([c[0] for c in consts], sig.constants, "constant")
+                check_finite([c[0] for c in consts], sig.constants, "constant")
                 if states is not None:
-                    _check_finite(states, sig.states, "state")
+                    check_finite(states, sig.states, "state")
             now = time.time()
             new = runner.new_record(
                 constants=[c[0] for c in consts], states=states, now=now, created_at=view.created_at

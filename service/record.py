@@ -495,6 +495,10 @@ class RecordCodec:
     def stack_states(self, views: Sequence[RecordView]) -> list[np.ndarray]:
         return self._stack(2, [v.states for v in views])
 
+    def stack_outputs(self, views: Sequence[RecordView]) -> list[np.ndarray]:
+        """The stored last outputs of `views`, batch-first (replies of retried steps)."""
+        return self._stack(0, [v.outputs for v in views])
+
     def unstack_outputs(self, rows: Sequence[bytes | memoryview]) -> list[list[np.ndarray]]:
         """Per-session output tensors (one sample each) from output byte rows."""
         stacked = self._stack(0, rows)

@@ -15,7 +15,7 @@ from grpc import aio
 
 from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
 from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
-from rnnserve.service.engine import SessionEngine, SessionInfo, StepResult
+from rnnserve.service.engine import ManyResult, ManySteps, SessionEngine, SessionInfo, StepResult
 from rnnserve.service.errors import InvalidArgument
 from rnnserve.service.record import SessionRecord
 from rnnserve.service.repository import ModelCatalog
@@ -25,6 +25,8 @@ from rnnserve.service.wire import decode_named, encode_named, encode_tensor, spe
 
 # Steps of one StepStream being processed at once (back-pressure on the client).
 STREAM_WINDOW = 256
+# Messages of one StepManyStream being processed at once (each holds many rows).
+MANY_STREAM_WINDOW = 64
 
 
 def _session_info(info: SessionInfo) -> pb.SessionInfo:
@@ -50,9 +52,9 @@ class RecurrentServicer(pb_grpc.RecurrentServicer):  # type: ignore[misc]
         self.engine = engine
         self.catalog = catalog
 
-    def _outputs(self, model: str, version: str, result: StepResult) -> list[pb.Tensor]:
-        specs = self.engine.runner(model, version or None).signature.outputs
-        return encode_named(specs, result.outputs)
+    @staticmethod
+    def _outputs(result: StepResult) -> list[pb.Tensor]:
+        return encode_named(result.output_specs, result.outputs)
 
     def _submit(self, request: pb.StepRequest) -> asyncio.Future[StepResult]:
         if not request.session_id:
@@ -71,7 +73,7 @@ class RecurrentServicer(pb_grpc.RecurrentServicer):  # type: ignore[misc]
         return pb.StepResponse(
             session_id=request.session_id,
             seq=result.seq,
-            outputs=self._outputs(request.model, request.version, result),
+            outputs=self._outputs(result),
             replayed=result.replayed,
             request_id=request.request_id,
         )
@@ -129,6 +131,76 @@ class RecurrentServicer(pb_grpc.RecurrentServicer):  # type: ignore[misc]
         async for reply in answer_submitted(requests, submit, finish, window=STREAM_WINDOW):
             yield reply
 
+    # -- many sessions per message -------------------------------------------------
+    def _submit_many(self, request: pb.StepManyRequest) -> ManySteps:
+        return self.engine.submit_many(
+            request.model,
+            request.session_ids,
+            decode_named(request.inputs, role="input"),
+            seqs=[None if s < 0 else s for s in request.seqs] or None,
+            request_ids=list(request.request_ids) or None,
+            version=request.version or None,
+            namespace=namespace_var.get(),
+        )
+
+    @staticmethod
+    def _many_reply(request: pb.StepManyRequest, result: ManyResult) -> pb.StepManyResponse:
+        codes = [0] * len(result.errors)
+        messages = [""] * len(result.errors)
+        for k, error in enumerate(result.errors):
+            if error is not None:
+                code, messages[k] = describe(error)
+                codes[k] = code.value[0]
+        return pb.StepManyResponse(
+            batch_id=request.batch_id,
+            session_ids=request.session_ids,
+            codes=codes,
+            messages=messages,
+            seqs=result.seqs,
+            replayed=result.replayed,
+            outputs=encode_named(result.output_specs, result.outputs),
+        )
+
+    async def StepMany(
+        self, request: pb.StepManyRequest, context: aio.ServicerContext
+    ) -> pb.StepManyResponse:
+        pending = self._submit_many(request)
+        await pending.done
+        return self._many_reply(request, pending.result())
+
+    async def StepManyStream(
+        self, requests: AsyncIterator[pb.StepManyRequest], context: aio.ServicerContext
+    ) -> AsyncIterator[pb.StepManyResponse]:
+        pendings: dict[asyncio.Future[None], ManySteps] = {}
+
+        def failed(request: pb.StepManyRequest, exc: BaseException) -> pb.StepManyResponse:
+            code, message = describe(exc)  # one refused message must not end the stream
+            return pb.StepManyResponse(
+                batch_id=request.batch_id, error=pb.Error(code=code.value[0], message=message)
+            )
+
+        def submit(
+            request: pb.StepManyRequest,
+        ) -> pb.StepManyResponse | asyncio.Future[None]:
+            try:
+                pending = self._submit_many(request)
+            except Exception as exc:
+                return failed(request, exc)
+            pendings[pending.done] = pending
+            return pending.done
+
+        def finish(
+            request: pb.StepManyRequest, future: asyncio.Future[None]
+        ) -> pb.StepManyResponse:
+            pending = pendings.pop(future)
+            try:
+                return self._many_reply(request, pending.result())
+            except Exception as exc:
+                return failed(request, exc)
+
+        async for reply in answer_submitted(requests, submit, finish, window=MANY_STREAM_WINDOW):
+            yield reply
+
     async def RunSequence(
         self, request: pb.RunSequenceRequest, context: aio.ServicerContext
     ) -> pb.RunSequenceResponse:
@@ -143,11 +215,10 @@ class RecurrentServicer(pb_grpc.RecurrentServicer):  # type: ignore[misc]
             version=request.version or None,
             namespace=namespace_var.get(),
         )
-        specs = self.engine.runner(request.model, request.version or None).signature.outputs
         return pb.RunSequenceResponse(
             session_id=request.session_id,
             seq=result.seq,
-            outputs=encode_named(specs, result.outputs),
+            outputs=encode_named(result.output_specs, result.outputs),
         )
 
     async def RunSequenceStream(
@@ -168,7 +239,7 @@ class RecurrentServicer(pb_grpc.RecurrentServicer):  # type: ignore[misc]
             yield pb.StepResponse(
                 session_id=request.session_id,
                 seq=result.seq,
-                outputs=self._outputs(request.model, request.version, result),
+                outputs=self._outputs(result),
                 replayed=result.replayed,
                 request_id=f"{request.request_id}#{t}" if request.request_id else "",
             )

@@ -8,7 +8,7 @@ per batch, and `commit_many` is a compare-and-set per session on the record's
 `seq` + incarnation bytes (`rnnserve.service.record.CAS_TOKEN_SLICE`).
 """
 
-from ._base import Commit, StateStore, session_key
+from ._base import Commit, StateStore, check_session_id, key_prefix, session_key
 from ._cluster import RedisClusterStore
 from ._memory import MemoryStore
 from ._redis import COMMIT_SCRIPT, RedisStore
@@ -20,5 +20,7 @@ __all__ = [
     "RedisClusterStore",
     "RedisStore",
     "StateStore",
+    "check_session_id",
+    "key_prefix",
     "session_key",
 ]

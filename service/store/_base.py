@@ -31,6 +31,19 @@ def session_key(namespace: str, model: str, session_id: str) -> str:
     return f"{KEY_PREFIX}:{namespace}:{model}:{session_id}"
 
 
+def key_prefix(namespace: str, model: str) -> str:
+    """`session_key(namespace, model, "")` without the session id: checks the namespace
+    and model once for many sessions (append an id checked by `check_session_id`)."""
+    return session_key(namespace, model, "-")[:-1]
+
+
+def check_session_id(session_id: str) -> None:
+    if not session_id or len(session_id) > MAX_SESSION_ID_LENGTH:
+        raise InvalidArgument(
+            f"session id must be 1 to {MAX_SESSION_ID_LENGTH} characters, got {len(session_id)}"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Commit:
     """Replace `key` with `value` if its stored record's CAS token still equals `token`.

@@ -199,6 +199,44 @@ class ImportStateRequest(_message.Message):
     record: bytes
     def __init__(self, session: _Optional[_Union[SessionRef, _Mapping]] = ..., record: _Optional[bytes] = ...) -> None: ...
 
+class StepManyRequest(_message.Message):
+    __slots__ = ("model", "version", "session_ids", "inputs", "seqs", "request_ids", "batch_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    SEQS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    session_ids: _containers.RepeatedScalarFieldContainer[str]
+    inputs: _containers.RepeatedCompositeFieldContainer[Tensor]
+    seqs: _containers.RepeatedScalarFieldContainer[int]
+    request_ids: _containers.RepeatedScalarFieldContainer[str]
+    batch_id: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., session_ids: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., seqs: _Optional[_Iterable[int]] = ..., request_ids: _Optional[_Iterable[str]] = ..., batch_id: _Optional[str] = ...) -> None: ...
+
+class StepManyResponse(_message.Message):
+    __slots__ = ("batch_id", "session_ids", "codes", "messages", "seqs", "replayed", "outputs", "error")
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    CODES_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    SEQS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    batch_id: str
+    session_ids: _containers.RepeatedScalarFieldContainer[str]
+    codes: _containers.RepeatedScalarFieldContainer[int]
+    messages: _containers.RepeatedScalarFieldContainer[str]
+    seqs: _containers.RepeatedScalarFieldContainer[int]
+    replayed: _containers.RepeatedScalarFieldContainer[bool]
+    outputs: _containers.RepeatedCompositeFieldContainer[Tensor]
+    error: Error
+    def __init__(self, batch_id: _Optional[str] = ..., session_ids: _Optional[_Iterable[str]] = ..., codes: _Optional[_Iterable[int]] = ..., messages: _Optional[_Iterable[str]] = ..., seqs: _Optional[_Iterable[int]] = ..., replayed: _Optional[_Iterable[bool]] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -50,6 +50,16 @@ class RecurrentStub:
                 request_serializer=rnnserve_dot_v1_dot_recurrent__pb2.StepRequest.SerializeToString,
                 response_deserializer=rnnserve_dot_v1_dot_recurrent__pb2.StepResponse.FromString,
                 _registered_method=True)
+        self.StepMany = channel.unary_unary(
+                '/rnnserve.v1.Recurrent/StepMany',
+                request_serializer=rnnserve_dot_v1_dot_recurrent__pb2.StepManyRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_recurrent__pb2.StepManyResponse.FromString,
+                _registered_method=True)
+        self.StepManyStream = channel.stream_stream(
+                '/rnnserve.v1.Recurrent/StepManyStream',
+                request_serializer=rnnserve_dot_v1_dot_recurrent__pb2.StepManyRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_recurrent__pb2.StepManyResponse.FromString,
+                _registered_method=True)
         self.RunSequence = channel.unary_unary(
                 '/rnnserve.v1.Recurrent/RunSequence',
                 request_serializer=rnnserve_dot_v1_dot_recurrent__pb2.RunSequenceRequest.SerializeToString,
@@ -115,6 +125,21 @@ class RecurrentServicer:
     def StepStream(self, request_iterator, context):
         """Steps of one or many sessions; each reply names its session, seq and request id.
         Replies of one session come in order; a failed step answers with `error` set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StepMany(self, request, context):
+        """One step of each of many sessions (K rows, columnar); a status per row.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StepManyStream(self, request_iterator, context):
+        """StepMany messages on one stream; replies in completion order, matched by batch_id.
+        A refused message answers with `error` set and the stream goes on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -192,6 +217,16 @@ def add_RecurrentServicer_to_server(servicer, server):
                     servicer.StepStream,
                     request_deserializer=rnnserve_dot_v1_dot_recurrent__pb2.StepRequest.FromString,
                     response_serializer=rnnserve_dot_v1_dot_recurrent__pb2.StepResponse.SerializeToString,
+            ),
+            'StepMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.StepMany,
+                    request_deserializer=rnnserve_dot_v1_dot_recurrent__pb2.StepManyRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_recurrent__pb2.StepManyResponse.SerializeToString,
+            ),
+            'StepManyStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.StepManyStream,
+                    request_deserializer=rnnserve_dot_v1_dot_recurrent__pb2.StepManyRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_recurrent__pb2.StepManyResponse.SerializeToString,
             ),
             'RunSequence': grpc.unary_unary_rpc_method_handler(
                     servicer.RunSequence,
@@ -320,6 +355,60 @@ class Recurrent:
             '/rnnserve.v1.Recurrent/StepStream',
             rnnserve_dot_v1_dot_recurrent__pb2.StepRequest.SerializeToString,
             rnnserve_dot_v1_dot_recurrent__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.Recurrent/StepMany',
+            rnnserve_dot_v1_dot_recurrent__pb2.StepManyRequest.SerializeToString,
+            rnnserve_dot_v1_dot_recurrent__pb2.StepManyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepManyStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/rnnserve.v1.Recurrent/StepManyStream',
+            rnnserve_dot_v1_dot_recurrent__pb2.StepManyRequest.SerializeToString,
+            rnnserve_dot_v1_dot_recurrent__pb2.StepManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,541 @@
+"""`ModelRunner`: the batch path of one served model version.
+
+A step travels::
+
+    SessionEngine.submit_step / submit_many -> DynamicBatcher (one step per session
+    per batch, in order) -> ModelRunner._handle(batch):
+        _load     store.load_many(keys)           one round trip
+        _judge    record views; replay / conflict / apply, per row
+        _compute  stacked states, the model step in the executor
+        _commit   new records, store.commit_many   one round trip, CAS per session
+    -> each caller's future (a `StepResult` that points into the batch's outputs)
+
+Semantics of a step on a session whose record is at `current` seq:
+
+- `seq is None`: applies in arrival order.
+- `seq == current`: applies; the reply carries `current + 1`.
+- `seq == current - 1` and the same request id as the step that made `current`: a
+  retry; the stored reply (last outputs) is returned and nothing changes.
+  (A step without `seq` but with the last step's request id is treated the same.)
+- otherwise: `SeqConflict` naming `current`.
+
+A step that loses the compare-and-set to another writer goes back to the front of the
+batcher queue (`RETRY`), is reloaded and re-judged; after `max_cas_retries` lost rounds
+it fails with `ConcurrentUpdate` (ABORTED), unapplied. If the store fails, the steps of
+that batch that would have written fail with `StoreUnavailable` and nothing is
+half-written (a commit is one atomic script).
+
+Everything here works on whole batches: one stack per input, one vectorized
+nonfinite check, one stack of states and constants from the records' bytes, one
+encode of the output and state rows; per row there is a record view, a judgement,
+a record encode and the caller's future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import numpy as np
+
+from rnnserve.core import StepFunction, StepSignature, TensorSpec
+
+from .batcher import RETRY, DynamicBatcher, Request, Retry
+from .errors import (
+    ConcurrentUpdate,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    RnnserveError,
+    SeqConflict,
+    SessionNotFound,
+)
+from .metrics import RunnerMetrics
+from .record import RecordCodec, RecordView, cas_token, new_incarnation
+from .store import Commit, StateStore
+
+__all__ = [
+    "ModelRunner",
+    "RunnerConfig",
+    "RunnerStats",
+    "StepResult",
+    "Tensors",
+    "check_finite",
+    "check_tensors",
+    "gather_outputs",
+]
+
+logger = logging.getLogger(__name__)
+
+Tensors = Sequence[Any] | Mapping[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunnerConfig:
+    """How one model version is served (from the model repository's config).
+
+    - `max_batch_size`, `max_queue_delay_s`, `max_queue_size`, `max_batches_in_flight`,
+      `idle_dispatch`: the `DynamicBatcher`'s limits (a batch waits up to the delay for
+      more steps only while another batch is running, with `idle_dispatch`).
+    - `compute_threads`: executor threads for the model step (1: batches in flight
+      overlap store I/O with compute, but never run two steps at once).
+    - `idle_timeout_s`: a session's TTL in the store, refreshed by every step.
+    - `states_float16`: store floating states as float16 (half the bytes).
+    - `max_cas_retries`: how often a step that lost the compare-and-set to another
+      writer is reloaded and retried before it fails with `ConcurrentUpdate`.
+    - `max_sequence_length`: the most steps one `run_sequence` may take.
+    - `reject_nonfinite`: floating inputs, constants and initial states holding NaN or
+      +-Inf are INVALID_ARGUMENT (one such step would poison the session's state for
+      good); False lets them through to the model.
+    """
+
+    max_batch_size: int = 256
+    max_queue_delay_s: float = 0.002
+    max_queue_size: int = 8192
+    max_batches_in_flight: int = 2
+    idle_dispatch: bool = True
+    compute_threads: int = 1
+    idle_timeout_s: float = 3600.0
+    states_float16: bool = False
+    max_cas_retries: int = 16
+    max_sequence_length: int = 100_000
+    reject_nonfinite: bool = True
+
+
+@dataclass
+class RunnerStats:
+    """Counters of one runner (tests read them; metrics will)."""
+
+    applied: int = 0
+    replayed: int = 0
+    seq_conflicts: int = 0
+    cas_retries: int = 0
+    store_errors: int = 0
+
+
+class StepResult:
+    """One step's outcome: the seq it left the session at, whether it was a replay,
+    the model version and output specs that produced it, and its outputs (one sample
+    per signature output, no batch axis).
+
+    The outputs are row `row` of the batch's stacked outputs (`batch_outputs`), shared
+    by every step of that batch: nothing is copied per step until `outputs` is read,
+    and `gather_outputs` turns many results back into stacked arrays with one take
+    per batch.
+    """
+
+    __slots__ = ("batch_outputs", "output_specs", "replayed", "row", "seq", "version")
+
+    def __init__(
+        self,
+        batch_outputs: Sequence[np.ndarray],
+        row: int,
+        seq: int,
+        *,
+        replayed: bool = False,
+        version: str = "",
+        output_specs: Sequence[TensorSpec] = (),
+    ) -> None:
+        self.batch_outputs = batch_outputs
+        self.row = row
+        self.seq = seq
+        self.replayed = replayed
+        self.version = version
+        self.output_specs = output_specs
+
+    @property
+    def outputs(self) -> list[np.ndarray]:
+        row = self.row
+        return [o[row] for o in self.batch_outputs]
+
+    def __repr__(self) -> str:
+        return f"StepResult(seq={self.seq}, replayed={self.replayed}, version={self.version!r})"
+
+
+def gather_outputs(
+    results: Sequence[StepResult | None], specs: Sequence[TensorSpec]
+) -> list[np.ndarray]:
+    """Stacked `(len(results), ...)` outputs; rows without a result are zeros.
+
+    Results of one batch are taken with one fancy index per output (the common case:
+    a many-session message whose rows ran in one or two batches)."""
+    n = len(results)
+    out = [np.zeros((n, *s.shape), s.numpy_dtype) for s in specs]
+    groups: dict[int, tuple[Sequence[np.ndarray], list[int], list[int]]] = {}
+    for k, result in enumerate(results):
+        if result is None:
+            continue
+        key = id(result.batch_outputs)
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = (result.batch_outputs, [], [])
+        group[1].append(k)
+        group[2].append(result.row)
+    for batch, rows, taken in groups.values():
+        for target, source in zip(out, batch, strict=True):
+            target[rows] = source[taken]
+    return out
+
+
+@dataclass(eq=False, slots=True)
+class Step:
+    """One step of one session, as the batcher carries it."""
+
+    session_id: str
+    inputs: list[np.ndarray]
+    seq: int | None
+    request_id: str
+    after: asyncio.Future[StepResult] | None = None  # the previous step of a run_sequence
+    request_id_bytes: bytes = field(default=b"")
+
+
+def check_tensors(
+    values: Tensors | None, specs: Sequence[TensorSpec], role: str, *, leading: tuple[int, ...] = ()
+) -> list[np.ndarray]:
+    """Arrays in signature order, shaped `leading + spec.shape`, in the spec's dtype."""
+    if values is None:
+        values = []
+    if isinstance(values, Mapping):
+        unknown = sorted(set(values) - {s.name for s in specs})
+        if unknown:
+            raise InvalidArgument(
+                f"unknown {role} tensor(s) {unknown}; expected {[s.name for s in specs]}"
+            )
+        missing = [s.name for s in specs if s.name not in values]
+        if missing:
+            raise InvalidArgument(f"missing {role} tensor(s) {missing}")
+        values = [values[s.name] for s in specs]
+    if len(values) != len(specs):
+        raise InvalidArgument(
+            f"expected {len(specs)} {role} tensor(s) {[s.name for s in specs]}, got {len(values)}"
+        )
+    checked = []
+    for spec, value in zip(specs, values, strict=True):
+        array = np.asarray(value)
+        dtype = spec.numpy_dtype
+        shape = (*leading, *spec.shape)
+        if array.shape != shape:
+            raise InvalidArgument(f"{role} {spec.name!r}: shape {array.shape}, expected {shape}")
+        if array.dtype == dtype and array.flags.c_contiguous:
+            checked.append(array)  # the common case: a decoded wire tensor
+            continue
+        if array.dtype != dtype and not np.can_cast(array.dtype, dtype, "same_kind"):
+            raise InvalidArgument(f"{role} {spec.name!r}: dtype {array.dtype} is not {dtype}")
+        # np.asarray keeps 0-d arrays 0-d (ascontiguousarray would make them 1-d).
+        checked.append(np.asarray(array, dtype=dtype, order="C"))
+    return checked
+
+
+def check_finite(arrays: Sequence[np.ndarray], specs: Sequence[TensorSpec], role: str) -> None:
+    for spec, array in zip(specs, arrays, strict=True):
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise InvalidArgument(
+                f"{role} {spec.name!r} holds NaN or infinite values (nonfinite_inputs=reject)"
+            )
+
+
+def nonfinite_rows(
+    stacked: Sequence[np.ndarray], specs: Sequence[TensorSpec]
+) -> dict[int, BaseException]:
+    """Rows of batch-first arrays whose float values hold NaN or +-Inf, with their error."""
+    refused: dict[int, BaseException] = {}
+    for spec, x in zip(specs, stacked, strict=True):
+        if x.dtype.kind != "f" or np.isfinite(x).all():
+            continue
+        bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+        for i in np.flatnonzero(bad).tolist():
+            refused.setdefault(
+                i,
+                InvalidArgument(
+                    f"input {spec.name!r} holds NaN or infinite values (nonfinite_inputs=reject)"
+                ),
+            )
+    return refused
+
+
+Results = list[StepResult | BaseException | Retry]
+
+
+class ModelRunner:
+    """One model version being served: its step function, codec, batcher and executor."""
+
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        step_fn: StepFunction,
+        store: StateStore,
+        config: RunnerConfig,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.step_fn = step_fn
+        self.signature: StepSignature = step_fn.signature
+        self.config = config
+        self.stats = RunnerStats()
+        self.metrics = RunnerMetrics(name, version, queue_capacity=config.max_queue_size)
+        self._store = store
+        sig = self.signature
+        self.output_specs = tuple(sig.outputs)
+        self.codec = RecordCodec(
+            model=name,
+            version=version,
+            outputs=sig.outputs,
+            constants=sig.constants,
+            states=sig.states,
+            states_float16=config.states_float16,
+        )
+        self._zero_outputs = self.codec.output_rows(
+            [np.zeros((1, *s.shape), s.numpy_dtype) for s in sig.outputs], 1
+        )[0]
+        self._initial_states = self.codec.state_rows(sig.initial_states(1), 1)[0]
+        # One compute thread by default: batches in flight overlap their store I/O
+        # with the other's compute; two model steps at once would only fight over
+        # the cores (and starve the event loop) on a small machine.
+        self._executor = ThreadPoolExecutor(
+            max_workers=max(1, config.compute_threads),
+            thread_name_prefix=f"rnnserve-{name}-{version}",
+        )
+        self.batcher: DynamicBatcher[Step, StepResult] = DynamicBatcher(
+            self._handle,
+            max_batch_size=config.max_batch_size,
+            max_queue_delay_s=config.max_queue_delay_s,
+            max_queue_size=config.max_queue_size,
+            max_batches_in_flight=config.max_batches_in_flight,
+            idle_dispatch=config.idle_dispatch,
+            on_batch=self._after_batch,
+            name=f"{name}:{version}",
+        )
+
+    def _after_batch(self, size: int, seconds: float) -> None:
+        self.metrics.batcher_state(self.batcher.queued, self.batcher.active_keys)
+
+    def _timed_step(self, *arrays: Any) -> Any:
+        # In the executor: the model step alone, not its wait for the compute thread.
+        started = time.perf_counter()
+        try:
+            return self.step_fn(*arrays)
+        finally:
+            self.metrics.compute.observe(time.perf_counter() - started)
+
+    async def aclose(self) -> None:
+        await self.batcher.aclose()
+        self._executor.shutdown(wait=True)
+
+    def result(self, batch_outputs: Sequence[np.ndarray], row: int, seq: int) -> StepResult:
+        return StepResult(
+            batch_outputs, row, seq, version=self.version, output_specs=self.output_specs
+        )
+
+    # -- records outside the batch path -------------------------------------------
+    def new_record(
+        self,
+        *,
+        constants: list[np.ndarray],
+        states: list[np.ndarray] | None,
+        now: float,
+        created_at: float | None = None,
+    ) -> bytes:
+        codec = self.codec
+        return codec.encode(
+            seq=0,
+            incarnation=new_incarnation(),
+            created_at=now if created_at is None else created_at,
+            updated_at=now,
+            request_id=b"",
+            outputs=self._zero_outputs,
+            constants=codec.constant_rows([c[None] for c in constants], 1)[0],
+            states=(
+                self._initial_states
+                if states is None
+                else codec.state_rows([s[None] for s in states], 1)[0]
+            ),
+        )
+
+    # -- the batch path -------------------------------------------------------------
+    async def _handle(self, batch: list[Request[Step, StepResult]]) -> Results:
+        metrics = self.metrics
+        started = time.perf_counter()
+        for request in batch:
+            if not request.attempts:
+                metrics.queue.observe(started - request.enqueued_at)
+        metrics.batch_size.observe(len(batch))
+        results: Results = [RETRY] * len(batch)
+        n_inputs = len(self.signature.inputs)
+        inputs = [np.stack([r.payload.inputs[j] for r in batch]) for j in range(n_inputs)]
+        if self.config.reject_nonfinite:
+            for i, error in nonfinite_rows(inputs, self.signature.inputs).items():
+                results[i] = error
+        keys = cast(list[str], [r.key for r in batch])
+        raws = await self._load(keys)
+        metrics.state_load.observe(time.perf_counter() - started)
+        todo, views = self._judge(batch, raws, results)
+        if not todo:
+            return results
+        if len(todo) != len(batch):
+            inputs = [x[todo] for x in inputs]
+        try:
+            outputs, new_states = await self._compute(inputs, views)
+        except Exception as exc:
+            logger.exception("model %s:%s step failed", self.name, self.version)
+            error = Internal(f"model {self.name!r} version {self.version!r} step failed")
+            error.__cause__ = exc
+            for i in todo:  # the replays and conflicts of this batch still stand
+                results[i] = error
+            return results
+        await self._commit(batch, keys, todo, views, outputs, new_states, results)
+        return results
+
+    async def _load(self, keys: list[str]) -> list[bytes | None]:
+        try:
+            return await self._store.load_many(keys)
+        except RnnserveError:
+            self.stats.store_errors += 1
+            self.metrics.store_errors.inc()
+            raise
+
+    def _judge(
+        self,
+        batch: list[Request[Step, StepResult]],
+        raws: list[bytes | None],
+        results: Results,
+    ) -> tuple[list[int], list[RecordView]]:
+        """Each step against its session's record: a replay, a conflict, an error, or
+        to apply (its index and view returned). Results are written for all but those."""
+        codec, stats, metrics = self.codec, self.stats, self.metrics
+        todo: list[int] = []
+        views: list[RecordView] = []
+        replays: list[int] = []
+        replay_views: list[RecordView] = []
+        for i, (request, raw) in enumerate(zip(batch, raws, strict=True)):
+            if results[i] is not RETRY:  # refused before the load (nonfinite)
+                continue
+            step = request.payload
+            after = step.after
+            if (
+                after is not None
+                and after.done()
+                and (after.cancelled() or after.exception() is not None)
+            ):
+                results[i] = FailedPrecondition("an earlier step of this sequence failed")
+                continue
+            if raw is None:
+                metrics.expired.inc()
+                results[i] = SessionNotFound(
+                    f"session {step.session_id!r} of model {self.name!r} does not exist "
+                    "(never started, ended, or expired)"
+                )
+                continue
+            try:
+                view = codec.view(raw)
+            except RnnserveError as exc:
+                results[i] = exc
+                continue
+            if step.request_id == view.last_request_id and (
+                step.seq is None or step.seq == view.seq - 1
+            ):
+                replays.append(i)
+                replay_views.append(view)
+            elif step.seq is None or step.seq == view.seq:
+                todo.append(i)
+                views.append(view)
+            else:
+                stats.seq_conflicts += 1
+                metrics.seq_conflicts.inc()
+                results[i] = SeqConflict(
+                    f"session {step.session_id!r} is at seq {view.seq}; "
+                    f"the step expected seq {step.seq}",
+                    current_seq=view.seq,
+                )
+        if replays:
+            stats.replayed += len(replays)
+            metrics.replayed.inc(len(replays))
+            stored = codec.stack_outputs(replay_views)
+            for k, (i, view) in enumerate(zip(replays, replay_views, strict=True)):
+                result = self.result(stored, k, view.seq)
+                result.replayed = True
+                results[i] = result
+        return todo, views
+
+    async def _compute(
+        self, inputs: list[np.ndarray], views: list[RecordView]
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The model step over the rows to apply, in the executor (never on the loop)."""
+        constants = self.codec.stack_constants(views)
+        states = self.codec.stack_states(views)
+        loop = asyncio.get_running_loop()
+        outputs, new_states = await loop.run_in_executor(
+            self._executor, self._timed_step, inputs, constants, states
+        )
+        return list(outputs), list(new_states)
+
+    async def _commit(
+        self,
+        batch: list[Request[Step, StepResult]],
+        keys: list[str],
+        todo: list[int],
+        views: list[RecordView],
+        outputs: list[np.ndarray],
+        new_states: list[np.ndarray],
+        results: Results,
+    ) -> None:
+        """Write the new records (compare-and-set each) and settle the applied rows."""
+        codec, stats, metrics = self.codec, self.stats, self.metrics
+        n = len(todo)
+        output_rows = codec.output_rows(outputs, n)
+        state_rows = codec.state_rows(new_states, n)
+        now = time.time()
+        ttl = self.config.idle_timeout_s
+        encode = codec.encode
+        commits = [
+            Commit(
+                keys[i],
+                cas_token(view.seq, view.incarnation),
+                encode(
+                    seq=view.seq + 1,
+                    incarnation=view.incarnation,
+                    created_at=view.created_at,
+                    updated_at=now,
+                    request_id=batch[i].payload.request_id_bytes,
+                    outputs=out_row,
+                    constants=view.constants,
+                    states=state_row,
+                ),
+                ttl,
+            )
+            for i, view, out_row, state_row in zip(
+                todo, views, output_rows, state_rows, strict=True
+            )
+        ]
+        committing = time.perf_counter()
+        try:
+            applied = await self._store.commit_many(commits)
+        except RnnserveError as exc:
+            stats.store_errors += 1
+            metrics.store_errors.inc()
+            for i in todo:
+                results[i] = exc
+            return
+        metrics.state_commit.observe(time.perf_counter() - committing)
+        max_retries = self.config.max_cas_retries
+        n_applied = 0
+        for k, (i, view, ok) in enumerate(zip(todo, views, applied, strict=True)):
+            if ok:
+                n_applied += 1
+                results[i] = self.result(outputs, k, view.seq + 1)
+            elif batch[i].attempts < max_retries:
+                stats.cas_retries += 1
+                metrics.cas_retries.inc()
+                results[i] = RETRY
+            else:
+                results[i] = ConcurrentUpdate(
+                    f"session {batch[i].payload.session_id!r} was changed by another writer "
+                    f"{batch[i].attempts + 1} times while this step ran; not applied"
+                )
+        stats.applied += n_applied
+        metrics.steps.inc(n_applied)
