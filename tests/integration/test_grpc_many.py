@@ -171,9 +171,7 @@ def test_a_retried_message_applies_nothing_twice(
     want = cached_reference(model_repo, "lstm", inputs)
     ids = start_sessions(stub, n)
     for t in range(steps):
-        request = many(
-            ids, inputs[:, t], seqs=[t] * n, request_ids=[f"{i}-{t}" for i in range(n)]
-        )
+        request = many(ids, inputs[:, t], seqs=[t] * n, request_ids=[f"{i}-{t}" for i in range(n)])
         first = stub.StepMany(request)
         again = stub.StepMany(request)  # the client never saw `first`: it retries
         assert list(first.codes) == list(again.codes) == [OK] * n
@@ -287,9 +285,7 @@ def test_two_rows_of_one_session_are_consecutive_steps(
     np.testing.assert_allclose(outputs(reply)[1], want[1, 1], atol=ATOL)
 
 
-def test_pipelined_messages_apply_in_order(
-    stub: pb_grpc.RecurrentStub, model_repo: Path
-) -> None:
+def test_pipelined_messages_apply_in_order(stub: pb_grpc.RecurrentStub, model_repo: Path) -> None:
     n, steps = 3, 8
     inputs = xs(n, steps, seed=17)
     want = cached_reference(model_repo, "lstm", inputs)
