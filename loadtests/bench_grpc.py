@@ -2,7 +2,7 @@
 
     .venv/bin/python loadtests/bench_grpc.py \\
         [--peers echo unbatched memory redis redis-x2 triton] \\
-        [--modes step stream runseq kserve kserve-stream] [--sessions 16 64 256 1024] \\
+        [--modes step stream runseq kserve kserve-stream many] [--sessions 16 64 256 1024] \\
         [--model lstm256] [--duration 5] [--warmup 1.5] [--workers 2] [--update-docs]
 
 Every peer is started by this script in the same run, measured on every (mode, sessions)
@@ -246,6 +246,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="load-generator processes")
     parser.add_argument("--chunk", type=int, default=16, help="steps per RunSequence call")
     parser.add_argument("--stream-width", type=int, default=64, help="sessions per stream")
+    parser.add_argument(
+        "--many-width", type=int, default=256, help="sessions per StepMany message (`many`)"
+    )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--repository", type=Path, default=ROOT / "build" / "bench-models")
     parser.add_argument("--triton-venv", type=Path, default=ROOT / ".venv-triton")
@@ -310,6 +313,7 @@ def main() -> None:
         "workers": args.workers,
         "chunk": args.chunk,
         "stream_width": args.stream_width,
+        "many_width": args.many_width,
     }
     points: list[dict[str, Any]] = []
     try:
@@ -349,6 +353,7 @@ def main() -> None:
                                 stream_width=args.stream_width,
                                 sequence_base=sequence_base,
                                 features=features(args.model),
+                                many_width=args.many_width,
                             )
                             for n, first in parts
                         ]

@@ -9,7 +9,10 @@ handler in a task of its own; at most `max_batches_in_flight` such tasks run at 
 With `idle_dispatch` (the default) the batcher does not wait when no batch is
 running: it takes what is queued and goes. Waiting for more only pays while the
 model is busy anyway; a lone session then gets unbatched latency, and under load
-batches still fill while the previous one computes.
+batches still fill while the previous one computes. Even then it waits only while
+requests keep arriving: once `arrival_gap_s` passes without a new one, the batch
+goes (a many-session message queues all its rows at once; waiting the whole delay
+after it would only leave the model idle).
 
 Requests carry a `key` (the session). A key has at most one request in flight, in
 any batch: a second request for a busy key waits in that key's line and becomes
@@ -39,7 +42,7 @@ from typing import Final, Generic, TypeVar
 
 from .errors import Internal, QueueFull, ShuttingDown
 
-__all__ = ["RETRY", "BatcherStats", "DynamicBatcher", "Request", "Retry"]
+__all__ = ["RETRY", "BatcherStats", "DynamicBatcher", "Group", "Request", "Retry"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,24 @@ RETRY: Final = Retry()
 """A handler's result meaning: run this request again in a later batch."""
 
 
+class Group:
+    """Requests submitted together (`submit_many`) whose caller waits for all of them:
+    `done` resolves once the last one is settled, without a callback per request."""
+
+    __slots__ = ("done", "left")
+
+    def __init__(self, done: asyncio.Future[None], count: int) -> None:
+        self.done = done
+        self.left = count
+        if not count:
+            done.set_result(None)
+
+    def settle(self) -> None:
+        self.left -= 1
+        if not self.left and not self.done.done():
+            self.done.set_result(None)
+
+
 @dataclass(eq=False, slots=True)
 class Request(Generic[P, R]):
     """One caller's request: what the handler sees. `attempts` counts RETRYs so far."""
@@ -65,6 +86,7 @@ class Request(Generic[P, R]):
     future: asyncio.Future[R]
     enqueued_at: float
     attempts: int = 0
+    group: Group | None = None
 
 
 @dataclass
@@ -107,6 +129,7 @@ class DynamicBatcher(Generic[P, R]):
         max_queue_size: int = 4096,
         max_batches_in_flight: int = 2,
         idle_dispatch: bool = True,
+        arrival_gap_s: float | None = None,
         on_batch: BatchHook | None = None,
         name: str = "batcher",
     ) -> None:
@@ -122,6 +145,11 @@ class DynamicBatcher(Generic[P, R]):
         self.max_queue_size = max_queue_size
         self.max_batches_in_flight = max_batches_in_flight
         self.idle_dispatch = idle_dispatch
+        # None: a quarter of the delay. A wait for more requests ends after this long
+        # without one.
+        self.arrival_gap_s = (
+            self.max_queue_delay_s / 4 if arrival_gap_s is None else max(0.0, arrival_gap_s)
+        )
         self.name = name
         self._on_batch = on_batch
         self.stats = BatcherStats()
@@ -227,9 +255,13 @@ class DynamicBatcher(Generic[P, R]):
             self._wakeup.set()
         return request.future
 
-    def submit_many(self, items: Sequence[tuple[Hashable, P]]) -> list[asyncio.Future[R]]:
+    def submit_many(
+        self, items: Sequence[tuple[Hashable, P]]
+    ) -> tuple[list[asyncio.Future[R]], Group]:
         """Queue many requests at once, in order (all or none: `QueueFull` if they do
-        not all fit); one future each, as `submit` gives."""
+        not all fit): one future each, as `submit` gives, and their `Group`, whose
+        `done` resolves when every one is settled. Cancelling `done` does not cancel
+        the requests; cancel their futures."""
         if self._closing:
             raise ShuttingDown(f"{self.name} is shutting down and takes no new requests")
         if self._queued + len(items) > self.max_queue_size:
@@ -240,11 +272,12 @@ class DynamicBatcher(Generic[P, R]):
         self.start()
         assert self._wakeup is not None
         create_future = asyncio.get_running_loop().create_future
+        group = Group(create_future(), len(items))
         now = time.perf_counter()
         active, ready, waiting = self._active, self._ready, self._waiting
         futures: list[asyncio.Future[R]] = []
         for key, payload in items:
-            request: Request[P, R] = Request(key, payload, create_future(), now)
+            request: Request[P, R] = Request(key, payload, create_future(), now, 0, group)
             futures.append(request.future)
             if key in active:
                 line = waiting.get(key)
@@ -256,7 +289,7 @@ class DynamicBatcher(Generic[P, R]):
                 ready.append(request)
         self._queued += len(items)
         self._wakeup.set()
-        return futures
+        return futures, group
 
     async def call(self, key: Hashable, payload: P) -> R:
         """Submit and wait. Cancelling the caller drops the request if not yet batched."""
@@ -271,6 +304,8 @@ class DynamicBatcher(Generic[P, R]):
             if nxt.future.done():  # cancelled while it waited
                 self._queued -= 1
                 self.stats.dropped_cancelled += 1
+                if nxt.group is not None:
+                    nxt.group.settle()
                 continue
             self._ready.append(nxt)
             if not line:
@@ -287,6 +322,8 @@ class DynamicBatcher(Generic[P, R]):
             self._queued -= 1
             if request.future.done():
                 self.stats.dropped_cancelled += 1
+                if request.group is not None:
+                    request.group.settle()
                 self._release(request.key)
                 self._signal_progress()
                 continue
@@ -308,6 +345,8 @@ class DynamicBatcher(Generic[P, R]):
         for request in pending:
             if not request.future.done():
                 request.future.set_exception(exc)
+            if request.group is not None:
+                request.group.settle()
         self._signal_progress()
 
     async def _run(self) -> None:
@@ -359,7 +398,7 @@ class DynamicBatcher(Generic[P, R]):
                 async with asyncio.timeout(remaining):
                     await wakeup.wait()
             except TimeoutError:
-                break
+                break  # nothing arrived for a gap (or the delay is over): go
         return batch
 
     async def _run_batch(self, batch: list[Request[P, R]]) -> None:
@@ -391,20 +430,18 @@ class DynamicBatcher(Generic[P, R]):
         retried: list[Request[P, R]] = []
         released: list[Hashable] = []
         for request, result in zip(batch, results, strict=True):
-            if result is RETRY:
-                if request.future.done():
-                    released.append(request.key)
-                else:
-                    request.attempts += 1
-                    retried.append(request)
+            if result is RETRY and not request.future.done():
+                request.attempts += 1
+                retried.append(request)
                 continue
             released.append(request.key)
-            if request.future.done():
-                continue
-            if isinstance(result, BaseException):
-                request.future.set_exception(result)
-            else:
-                request.future.set_result(result)  # type: ignore[arg-type]
+            if not request.future.done():
+                if isinstance(result, BaseException):
+                    request.future.set_exception(result)
+                elif result is not RETRY:
+                    request.future.set_result(result)  # type: ignore[arg-type]
+            if request.group is not None:
+                request.group.settle()
         if retried:
             self.stats.retried += len(retried)
             self._ready.extendleft(reversed(retried))

@@ -109,31 +109,20 @@ class ManySteps:
     settled; then `result()` gives the `ManyResult`. Cancelling `done` cancels the
     rows not yet batched (a closed stream)."""
 
-    __slots__ = ("_left", "done", "futures", "refused", "runner")
+    __slots__ = ("done", "futures", "refused", "runner")
 
     def __init__(
         self,
         runner: ModelRunner,
         futures: list[asyncio.Future[StepResult] | None],
         refused: dict[int, BaseException],
+        done: asyncio.Future[None],
     ) -> None:
         self.runner = runner
         self.futures = futures
         self.refused = refused
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._left = len(futures) - len(refused)
-        if not self._left:
-            self.done.set_result(None)
-            return
-        for future in futures:
-            if future is not None:
-                future.add_done_callback(self._settled)
-        self.done.add_done_callback(self._finished)
-
-    def _settled(self, _: asyncio.Future[StepResult]) -> None:
-        self._left -= 1
-        if not self._left and not self.done.done():
-            self.done.set_result(None)
+        self.done = done
+        done.add_done_callback(self._finished)
 
     def _finished(self, done: asyncio.Future[None]) -> None:
         if done.cancelled():
@@ -417,14 +406,14 @@ class SessionEngine:
             except RnnserveError as exc:
                 refused[k] = exc
                 continue
-            step = Step(session_id, [a[k] for a in arrays], seq, rid, None, rid.encode())
+            step = Step(session_id, [], seq, rid, None, rid.encode(), arrays, k)
             items.append((prefix + session_id, step))
             rows.append(k)
-        queued = runner.batcher.submit_many(items) if items else []
+        queued, group = runner.batcher.submit_many(items)
         futures: list[asyncio.Future[StepResult] | None] = [None] * n
         for k, future in zip(rows, queued, strict=True):
             futures[k] = future
-        return ManySteps(runner, futures, refused)
+        return ManySteps(runner, futures, refused, group.done)
 
     async def run_sequence(
         self,

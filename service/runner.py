@@ -184,7 +184,8 @@ def gather_outputs(
 
 @dataclass(eq=False, slots=True)
 class Step:
-    """One step of one session, as the batcher carries it."""
+    """One step of one session, as the batcher carries it: its inputs one sample each,
+    or (a row of a many-session message) row `row` of the batch-first `block`."""
 
     session_id: str
     inputs: list[np.ndarray]
@@ -192,6 +193,26 @@ class Step:
     request_id: str
     after: asyncio.Future[StepResult] | None = None  # the previous step of a run_sequence
     request_id_bytes: bytes = field(default=b"")
+    block: list[np.ndarray] | None = None
+    row: int = 0
+
+    def input(self, j: int) -> np.ndarray:
+        return self.inputs[j] if self.block is None else self.block[j][self.row]
+
+
+def stack_inputs(steps: Sequence[Step], n_inputs: int) -> list[np.ndarray]:
+    """The steps' inputs batch-first: a slice (or one take) of the block when every
+    step is a row of the same many-session message, else one stack per input."""
+    block = steps[0].block
+    if block is not None and all(s.block is block for s in steps):
+        first, count = steps[0].row, len(steps)
+        if steps[-1].row == first + count - 1 and all(
+            s.row == first + k for k, s in enumerate(steps)
+        ):
+            return [a[first : first + count] for a in block]
+        rows = [s.row for s in steps]
+        return [a[rows] for a in block]
+    return [np.stack([s.input(j) for s in steps]) for j in range(n_inputs)]
 
 
 def check_tensors(
@@ -366,8 +387,7 @@ class ModelRunner:
                 metrics.queue.observe(started - request.enqueued_at)
         metrics.batch_size.observe(len(batch))
         results: Results = [RETRY] * len(batch)
-        n_inputs = len(self.signature.inputs)
-        inputs = [np.stack([r.payload.inputs[j] for r in batch]) for j in range(n_inputs)]
+        inputs = stack_inputs([r.payload for r in batch], len(self.signature.inputs))
         if self.config.reject_nonfinite:
             for i, error in nonfinite_rows(inputs, self.signature.inputs).items():
                 results[i] = error

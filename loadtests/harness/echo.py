@@ -2,7 +2,8 @@
 
     .venv/bin/python -m loadtests.harness.echo --port 8102
 
-It serves `rnnserve.v1.Recurrent` (StartSession, Step, StepStream, RunSequence, EndSession)
+It serves `rnnserve.v1.Recurrent` (StartSession, Step, StepStream, RunSequence, StepMany,
+StepManyStream, EndSession)
 and KServe `ModelInfer` / `ModelStreamInfer` on a `grpc.aio` server with the same options
 as rnnserve's, and answers each request at once with a reply of the same size as the
 benchmark models' (one float32 output `y` of 64 values per step): no model, no state, no
@@ -60,6 +61,28 @@ class EchoRecurrent(pb_grpc.RecurrentServicer):  # type: ignore[misc]
             seq=request.seq + steps,
             outputs=[pb.Tensor(name="y", dtype="float32", shape=[steps, OUTPUTS], data=_Y * steps)],
         )
+
+
+    def _many(self, request: Any) -> Any:
+        rows = len(request.session_ids)
+        return pb.StepManyResponse(
+            batch_id=request.batch_id,
+            session_ids=request.session_ids,
+            codes=[0] * rows,
+            messages=[""] * rows,
+            seqs=[1] * rows,
+            replayed=[False] * rows,
+            outputs=[pb.Tensor(name="y", dtype="float32", shape=[rows, OUTPUTS], data=_Y * rows)],
+        )
+
+    async def StepMany(self, request: Any, context: Any) -> Any:
+        return self._many(request)
+
+    async def StepManyStream(
+        self, requests: AsyncIterator[Any], context: Any
+    ) -> AsyncIterator[Any]:
+        async for request in requests:
+            yield self._many(request)
 
 
 def _infer_response(request: Any) -> Any:

@@ -9,7 +9,10 @@ the previous one (closed loop, one step in flight per session). Modes:
 - `runseq`: unary `RunSequence` with `chunk` steps per call (steps/s counts steps);
 - `kserve`: KServe v2 `ModelInfer` via `tritonclient.grpc.aio` with Triton sequence ids;
 - `kserve-stream`: KServe `ModelStreamInfer` via `tritonclient.grpc.aio.stream_infer`,
-  `stream_width` sequences per stream (tritonserver 2.51 segfaults at >= 128 per stream).
+  `stream_width` sequences per stream (tritonserver 2.51 segfaults at >= 128 per stream);
+- `many`: bidi `StepManyStream`, a gateway per `many_width` sessions: each message carries
+  the next step of all its sessions (columnar), the next message leaves after the reply
+  (still one step in flight per session; steps/s counts rows, latency is per message).
 
 The parent (`bench_grpc.py`) starts `workers` processes once and hands each point to all
 of them; a worker sets its sessions up, reports ready, waits for the common start time,
@@ -29,8 +32,8 @@ from typing import Any
 import numpy as np
 
 FEATURES = 64
-MODES = ("step", "stream", "runseq", "kserve", "kserve-stream")
-NATIVE_MODES = ("step", "stream", "runseq")
+MODES = ("step", "stream", "runseq", "kserve", "kserve-stream", "many")
+NATIVE_MODES = ("step", "stream", "runseq", "many")
 SESSIONS_PER_CHANNEL = 64
 
 
@@ -48,6 +51,7 @@ class Job:
     stream_width: int = 64
     sequence_base: int = 0  # kserve: sequence ids are sequence_base + session index + 1
     features: int = FEATURES  # the model's input size
+    many_width: int = 256  # `many`: sessions per StepManyStream message
 
 
 @dataclass
@@ -205,8 +209,50 @@ async def _native(job: Job, clock: _Clock, ready: Any) -> None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(reader, 30)
 
+    async def many_gateway(members: list[int]) -> None:
+        # One gateway: a StepManyStream whose every message holds one step of each member.
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def requests() -> Any:
+            while (request := await queue.get()) is not None:
+                yield request
+
+        x = np.stack([_x(rng, job.features) for _ in members])
+        request = pb.StepManyRequest(
+            model=job.model,
+            session_ids=[ids[i] for i in members],
+            inputs=[pb.Tensor(name="x", dtype="float32", shape=list(x.shape), data=x.tobytes())],
+        )
+        call = stub_of(members[0]).StepManyStream(requests())
+        replies = call.__aiter__()
+        await _sleep_until(start_at)
+        try:
+            while clock.running:
+                t0 = time.time()
+                queue.put_nowait(request)
+                reply = await replies.__anext__()
+                if reply.HasField("error"):
+                    clock.error(RuntimeError(f"{reply.error.code}: {reply.error.message}"))
+                    continue
+                failed = sum(1 for code in reply.codes if code)
+                if failed:
+                    first = next(k for k, code in enumerate(reply.codes) if code)
+                    clock.error(RuntimeError(f"{failed} row(s) failed: {reply.messages[first]}"))
+                clock.record(t0, time.time(), len(members) - failed)
+        finally:
+            queue.put_nowait(None)
+            with contextlib.suppress(Exception):
+                async for _ in replies:
+                    pass
+
     try:
-        if job.mode == "step":
+        if job.mode == "many":
+            width = max(1, job.many_width)
+            gateways = [
+                list(range(k, min(k + width, job.sessions))) for k in range(0, job.sessions, width)
+            ]
+            await _bounded(clock, *(many_gateway(g) for g in gateways))
+        elif job.mode == "step":
             await _bounded(clock, *(unary_session(i) for i in range(job.sessions)))
         elif job.mode == "runseq":
             await _bounded(clock, *(runseq_session(i) for i in range(job.sessions)))

@@ -22,6 +22,7 @@ MODE_TITLES = {
     "runseq": "native RunSequence (chunks)",
     "kserve": "KServe v2 ModelInfer (tritonclient aio)",
     "kserve-stream": "KServe v2 ModelStreamInfer (tritonclient aio)",
+    "many": "native StepManyStream (one message per gateway of sessions)",
 }
 
 
@@ -173,6 +174,17 @@ def target_ratios(points: list[dict[str, Any]]) -> list[tuple[str, float]]:
                     rate(peer, mode, s),
                     rate("triton", mode, s),
                 )
+    best_triton = max(
+        (r for s in (256,) for m in ("kserve",) if (r := rate("triton", m, s)) is not None),
+        default=None,
+    )
+    for peer in ("memory", *redis_peers):
+        add(f"{peer} many / triton kserve, 256 sessions", rate(peer, "many", 256), best_triton)
+        add(
+            f"{peer} many / echo many, 256 sessions",
+            rate(peer, "many", 256),
+            rate("echo", "many", 256),
+        )
     return out
 
 
