@@ -7,13 +7,17 @@
         logits = session.step(3)                 # one timestep
         all_logits = session.run([3, 1, 4, 1])   # T timesteps, (T, ...) back
         session.end()
+        # the next step of K sessions in one message: inputs (K, ...), a status per row
+        ids = [client.session("char_lstm").session_id for _ in range(2)]
+        result = client.step_many("char_lstm", ids, [3, 1])
+        result.outputs, result.seqs, result.ok, result.errors()
 
 Every step carries the session's `seq` and a request id, so a step retried after
 UNAVAILABLE / DEADLINE_EXCEEDED (on the same replica or the next address) is applied
 exactly once. `AsyncClient` is the asyncio twin. Errors are `ClientError`s.
 """
 
-from rnnserve.client._async import AsyncClient, AsyncSession
+from rnnserve.client._async import AsyncClient, AsyncSession, ManyStream
 from rnnserve.client._exceptions import (
     ClientError,
     ConnectionFailed,
@@ -27,6 +31,7 @@ from rnnserve.client._exceptions import (
 )
 from rnnserve.client._models import (
     ExportedState,
+    ManyResult,
     ModelInfo,
     RetryPolicy,
     SessionInfo,
@@ -43,6 +48,8 @@ __all__ = [
     "ConnectionFailed",
     "ExportedState",
     "InvalidRequest",
+    "ManyResult",
+    "ManyStream",
     "ModelInfo",
     "NotFound",
     "Overloaded",

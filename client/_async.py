@@ -13,19 +13,27 @@ The same behaviour as the blocking `Client` (`_sync.py`), awaited.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
 import grpc
 from grpc import aio
 
-from rnnserve.client._exceptions import ClientError, StepsLost, from_rpc_error
+from rnnserve.client._exceptions import (
+    ClientError,
+    ConnectionFailed,
+    StepsLost,
+    from_rpc_error,
+    from_status,
+    status_code,
+)
 from rnnserve.client._models import (
     DEFAULT_MAX_MESSAGE_BYTES,
     RETRYABLE,
     ExportedState,
     Inputs,
+    ManyResult,
     ModelInfo,
     Outputs,
     RequestIds,
@@ -37,6 +45,7 @@ from rnnserve.client._models import (
     channel_options,
     decode_outputs,
     encode_named,
+    many_request,
     new_id,
     normalize_addresses,
     sequence_length,
@@ -49,7 +58,7 @@ from rnnserve.client._sync import ProgressCallback
 from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
 from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 
-__all__ = ["AsyncClient", "AsyncSession"]
+__all__ = ["AsyncClient", "AsyncSession", "ManyStream"]
 
 
 class AsyncClient:
@@ -206,6 +215,32 @@ class AsyncClient:
         )
         info = SessionInfo.from_message(reply)
         return AsyncSession(self, await self.signature(model, info.version), info)
+
+    async def step_many(
+        self,
+        model: str,
+        session_ids: Sequence[str],
+        inputs: Inputs,
+        *,
+        seqs: Iterable[int | None] | None = None,
+        request_ids: Sequence[str] | None = None,
+        version: str | None = None,
+    ) -> ManyResult:
+        """The next step of each of K sessions in one `StepMany` (see `Client.step_many`)."""
+        signature = await self.signature(model, version)
+        request = many_request(signature, session_ids, inputs, seqs=seqs, request_ids=request_ids)
+        return ManyResult.from_message(await self._call("StepMany", request))
+
+    def step_many_stream(self, model: str, *, version: str | None = None) -> ManyStream:
+        """One `StepManyStream` call for `step_many` messages, as an async context manager:
+
+            async with client.step_many_stream("lstm") as stream:
+                result = await stream.send(session_ids, xs)
+
+        `send` may be awaited by many tasks at once: their messages are pipelined on the
+        one stream and each gets its own reply.
+        """
+        return ManyStream(self, model, version)
 
     async def _get_session(self, model: str, session_id: str) -> SessionInfo:
         reply = await self._call("GetSession", pb.SessionRef(model=model, session_id=session_id))
@@ -387,3 +422,128 @@ class AsyncSession:
         traceback: TracebackType | None,
     ) -> None:
         await self.end()
+
+
+class ManyStream:
+    """`step_many` messages pipelined over one `StepManyStream` call.
+
+    Open it with `async with client.step_many_stream(model)`; leaving the block ends
+    the stream after the replies of the messages sent. Each `send` is one message;
+    concurrent sends are written in the order they were called, and their rows apply
+    in that order. A message the server refuses as a whole raises its error from its
+    `send` and the stream goes on. The stream is not retried: when it breaks, every
+    send waiting for a reply raises (`ConnectionFailed` for UNAVAILABLE); resend those
+    messages with the same seqs and request ids (e.g. with `step_many`) to have each
+    row applied once.
+    """
+
+    def __init__(self, client: AsyncClient, model: str, version: str | None) -> None:
+        self.client = client
+        self.model = model
+        self.version = version
+        self._signature: Signature | None = None
+        self._call: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._writing = asyncio.Lock()
+        # Sends waiting for their reply, by batch id (None: the stream ended first).
+        self._waiting: dict[str, asyncio.Future[pb.StepManyResponse | None]] = {}
+        self._batches = 0
+        self._closing = False
+        self._ended: ClientError | None = None
+
+    async def __aenter__(self) -> Self:
+        self._signature = await self.client.signature(self.model, self.version)
+        self._call = self.client._stub().StepManyStream(
+            timeout=self.client.stream_timeout, metadata=self.client._metadata
+        )
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def send(
+        self,
+        session_ids: Sequence[str],
+        inputs: Inputs,
+        *,
+        seqs: Iterable[int | None] | None = None,
+        request_ids: Sequence[str] | None = None,
+    ) -> ManyResult:
+        """One message of K rows (see `Client.step_many`); its reply when it comes."""
+        if self._signature is None:
+            raise ClientError("the stream is not open: use `async with`")
+        if self._ended is not None:
+            raise self._ended
+        self._batches += 1
+        batch_id = str(self._batches)
+        request = many_request(
+            self._signature,
+            session_ids,
+            inputs,
+            seqs=seqs,
+            request_ids=request_ids,
+            batch_id=batch_id,
+        )
+        reply: asyncio.Future[pb.StepManyResponse | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._waiting[batch_id] = reply
+        try:
+            try:
+                async with self._writing:
+                    await self._call.write(request)
+            except asyncio.InvalidStateError:
+                pass  # the call is over: the reader settles `reply`
+            message = await reply
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        finally:
+            self._waiting.pop(batch_id, None)
+        if message is None:  # the stream ended first
+            raise self._ended or ClientError("the stream is closed")
+        if message.HasField("error"):
+            raise from_status(status_code(message.error.code), message.error.message)
+        return ManyResult.from_message(message)
+
+    async def _read(self) -> None:
+        """Hands each reply to the send waiting for its batch id; when the stream ends,
+        says why (`_ended`) and wakes the sends still waiting."""
+        error = ClientError("the stream is closed")
+        try:
+            while (message := await self._call.read()) is not aio.EOF:
+                waiting = self._waiting.pop(message.batch_id, None)
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(message)
+            if not self._closing:
+                error = ConnectionFailed(
+                    "the server ended the StepManyStream", code=grpc.StatusCode.UNAVAILABLE
+                )
+        except grpc.RpcError as exc:
+            error = from_rpc_error(exc)
+            error.__cause__ = exc
+        finally:
+            self._ended = error
+            for waiting in self._waiting.values():
+                if not waiting.done():
+                    waiting.set_result(None)
+
+    async def aclose(self) -> None:
+        """Half-close the stream, wait for the replies still due, then end the call."""
+        if self._call is None or self._reader is None:
+            return
+        self._closing = True
+        try:
+            async with self._writing:
+                await self._call.done_writing()
+            await self._reader
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            pass
+        finally:
+            self._reader.cancel()
+            self._call.cancel()

@@ -105,6 +105,15 @@ _BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
 }
 
 
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def status_code(value: int) -> grpc.StatusCode:
+    """The `grpc.StatusCode` of a numeric code on the wire (`Error.code`, a row's code);
+    UNKNOWN for a number gRPC does not define."""
+    return _CODES.get(value, grpc.StatusCode.UNKNOWN)
+
+
 def from_status(code: grpc.StatusCode, details: str) -> ClientError:
     """The client error for a status (code + message), e.g. from a stream's `Error`."""
     if code is grpc.StatusCode.FAILED_PRECONDITION:

@@ -8,19 +8,20 @@ from __future__ import annotations
 import math
 import random
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import grpc
 import numpy as np
 
-from rnnserve.client._exceptions import InvalidRequest
+from rnnserve.client._exceptions import ClientError, InvalidRequest, from_status, status_code
 from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
 
 __all__ = [
     "ExportedState",
     "Inputs",
+    "ManyResult",
     "ModelInfo",
     "Outputs",
     "RetryPolicy",
@@ -293,6 +294,85 @@ class ExportedState:
             states=decode_outputs(message.states),
             constants=decode_outputs(message.constants),
         )
+
+
+@dataclass(frozen=True, eq=False)
+class ManyResult:
+    """The reply to one `step_many` message: K rows, row k the step of `session_ids[k]`.
+
+    Each row succeeds or fails on its own: `codes[k]` is `grpc.StatusCode.OK` for a row
+    that was applied (or replayed), else the row's error, with `messages[k]`; a failed
+    row's outputs hold zeros and its seq is 0. `seqs[k]` is the session's seq after
+    row k's step; `replayed[k]` is True for the stored reply of a retried step.
+    """
+
+    session_ids: tuple[str, ...]
+    #: One array per signature output, shaped (K, ...).
+    outputs: dict[str, np.ndarray]
+    seqs: np.ndarray  # uint64, (K,)
+    replayed: np.ndarray  # bool, (K,)
+    codes: tuple[grpc.StatusCode, ...]
+    messages: tuple[str, ...]
+
+    @classmethod
+    def from_message(cls, message: pb.StepManyResponse) -> ManyResult:
+        return cls(
+            session_ids=tuple(message.session_ids),
+            outputs=decode_outputs(message.outputs),
+            seqs=np.array(message.seqs, dtype=np.uint64),
+            replayed=np.array(message.replayed, dtype=bool),
+            codes=tuple(status_code(code) for code in message.codes),
+            messages=tuple(message.messages),
+        )
+
+    @property
+    def ok(self) -> np.ndarray:
+        """A bool mask of the rows that were applied (or replayed)."""
+        return np.array([code is grpc.StatusCode.OK for code in self.codes], dtype=bool)
+
+    def errors(self) -> dict[int, ClientError]:
+        """The failed rows: row index -> the error a single `step` would have raised."""
+        return {
+            k: from_status(code, message or code.name)
+            for k, (code, message) in enumerate(zip(self.codes, self.messages, strict=True))
+            if code is not grpc.StatusCode.OK
+        }
+
+
+def _rows(name: str, values: Sequence[str]) -> list[str]:
+    if isinstance(values, str | bytes):
+        raise InvalidRequest(f"{name}: a sequence of strings (one per row), not one string")
+    return list(values)
+
+
+def many_request(
+    signature: Signature,
+    session_ids: Sequence[str],
+    inputs: Inputs,
+    *,
+    seqs: Iterable[int | None] | None,
+    request_ids: Sequence[str] | None,
+    batch_id: str = "",
+) -> pb.StepManyRequest:
+    """A StepMany message: one row per session id, inputs shaped (K, ...).
+
+    A row's seq None travels as -1 (no seq). Without `request_ids`, the rows get fresh
+    ids made here, so resending the same message (a retry) is exactly-once for the
+    rows that carry a seq.
+    """
+    ids = _rows("session_ids", session_ids)
+    if request_ids is None:
+        prefix = new_id()[:16]
+        request_ids = [f"{prefix}.{k}" for k in range(len(ids))]
+    return pb.StepManyRequest(
+        model=signature.model,
+        version=signature.version,
+        session_ids=ids,
+        inputs=encode_named(signature.inputs, inputs, role="input"),
+        seqs=[] if seqs is None else [-1 if seq is None else int(seq) for seq in seqs],
+        request_ids=_rows("request_ids", request_ids),
+        batch_id=batch_id,
+    )
 
 
 def channel_credentials(tls: bool | grpc.ChannelCredentials) -> grpc.ChannelCredentials | None:

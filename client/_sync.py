@@ -10,7 +10,7 @@ with Client(["10.0.0.1:8001", "10.0.0.2:8001"]) as client:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -22,6 +22,7 @@ from rnnserve.client._models import (
     RETRYABLE,
     ExportedState,
     Inputs,
+    ManyResult,
     ModelInfo,
     Outputs,
     RequestIds,
@@ -33,6 +34,7 @@ from rnnserve.client._models import (
     channel_options,
     decode_outputs,
     encode_named,
+    many_request,
     new_id,
     normalize_addresses,
     sequence_length,
@@ -215,6 +217,34 @@ class Client:
         )
         info = SessionInfo.from_message(reply)
         return Session(self, self.signature(model, info.version), info)
+
+    def step_many(
+        self,
+        model: str,
+        session_ids: Sequence[str],
+        inputs: Inputs,
+        *,
+        seqs: Iterable[int | None] | None = None,
+        request_ids: Sequence[str] | None = None,
+        version: str | None = None,
+    ) -> ManyResult:
+        """The next step of each of K sessions in one `StepMany` message.
+
+        `inputs`: arrays shaped (K, ...), one array (one-input models) or a mapping by
+        input name; row k is the step of `session_ids[k]` (a session may have several
+        rows: consecutive steps, in row order). `seqs`: the seq each row advances from
+        (None: that row applies in arrival order). `request_ids`: one per row (default:
+        fresh ones), so a message resent with the same seqs and ids is applied once
+        (only a session's last reply is kept: after a retry, the earlier rows of a
+        session with several rows are `SeqConflict`s, applied but their outputs lost).
+        Rows fail on their own (`ManyResult.codes`, `.errors()`); a message the server
+        cannot read as K rows raises. Retried like every unary call (UNAVAILABLE,
+        DEADLINE_EXCEEDED). `Session` handles of these sessions do not see the steps:
+        their `info()` re-reads the seq.
+        """
+        signature = self.signature(model, version)
+        request = many_request(signature, session_ids, inputs, seqs=seqs, request_ids=request_ids)
+        return ManyResult.from_message(self._call("StepMany", request))
 
     def _get_session(self, model: str, session_id: str) -> SessionInfo:
         reply = self._call("GetSession", pb.SessionRef(model=model, session_id=session_id))

@@ -34,12 +34,20 @@ from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grp
 grpc_gevent.init_gevent()  # gRPC's sync API must yield to gevent, or users block each other
 
 FEATURES = 64
+CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 @events.init_command_line_parser.add_listener
 def _options(parser: Any) -> None:
     parser.add_argument("--model", default="lstm256", help="model to step")
     parser.add_argument("--chunk", type=int, default=16, help="steps per RunSequence call")
+    parser.add_argument(
+        "--rows",
+        type=int,
+        default=64,
+        env_var="LOCUST_ROWS",
+        help="sessions per StepMany message (ManyUser)",
+    )
 
 
 class _SessionUser(User):  # type: ignore[misc]
@@ -166,3 +174,69 @@ class StreamUser(_SessionUser):
             return
         self._fire("StepStream", started, reply.ByteSize(), None)
         self._advance("StepStream", reply.seq, 1)
+
+
+class ManyUser(_SessionUser):
+    """A gateway: `--rows` sessions, stepped together by unary `StepMany` messages."""
+
+    def on_start(self) -> None:
+        self.model = self.environment.parsed_options.model
+        self.rows = self.environment.parsed_options.rows
+        self.request_name = f"StepMany[{self.rows}]"
+        self.channel = grpc.insecure_channel(self.host)
+        self.stub = pb_grpc.RecurrentStub(self.channel)
+        self.session_id = f"locust-{uuid.uuid4().hex[:16]}"  # the prefix of the rows' ids
+        self.session_ids = [f"{self.session_id}-{k}" for k in range(self.rows)]
+        self.seqs = [0] * self.rows
+        xs = np.random.default_rng().normal(size=(self.rows, FEATURES)).astype(np.float32)
+        self.xs = pb.Tensor(name="x", dtype="float32", shape=list(xs.shape), data=xs.tobytes())
+        for session_id in self.session_ids:
+            self._call(
+                "StartSession",
+                self.stub.StartSession,
+                pb.StartSessionRequest(model=self.model, session_id=session_id),
+            )
+
+    def on_stop(self) -> None:
+        for session_id in self.session_ids:
+            self._call(
+                "EndSession",
+                self.stub.EndSession,
+                pb.SessionRef(model=self.model, session_id=session_id),
+            )
+        self.channel.close()
+
+    @task
+    def step_many(self) -> None:
+        request = pb.StepManyRequest(
+            model=self.model, session_ids=self.session_ids, inputs=[self.xs]
+        )
+        started = time.perf_counter()
+        try:
+            reply = self.stub.StepMany(request, timeout=60)
+        except grpc.RpcError as exc:
+            self._fire(self.request_name, started, 0, exc)
+            return
+        failed = [k for k, code in enumerate(reply.codes) if code]
+        error = None
+        if failed:  # named by the rows' statuses only, so Locust's table keeps one line each
+            names = sorted({CODE_NAMES.get(reply.codes[k], str(reply.codes[k])) for k in failed})
+            error = RuntimeError(f"row(s) failed: {', '.join(names)}")
+        self._fire(self.request_name, started, reply.ByteSize(), error)
+        # The steps entry: rows applied, and a seq-gap failure if any row's seq jumped.
+        gaps = []
+        for k, code in enumerate(reply.codes):
+            if code:
+                continue
+            expected = self.seqs[k] + 1
+            self.seqs[k] = reply.seqs[k]
+            if reply.seqs[k] != expected:
+                gaps.append(f"{reply.seqs[k]} != {expected}")
+        events.request.fire(
+            request_type="steps",
+            name=f"{self.request_name} steps",
+            response_time=0,
+            response_length=self.rows - len(failed),
+            exception=RuntimeError(f"seq-gap: {gaps[0]}") if gaps else None,
+            context={"session_id": self.session_id},
+        )

@@ -62,7 +62,6 @@ class EchoRecurrent(pb_grpc.RecurrentServicer):  # type: ignore[misc]
             outputs=[pb.Tensor(name="y", dtype="float32", shape=[steps, OUTPUTS], data=_Y * steps)],
         )
 
-
     def _many(self, request: Any) -> Any:
         rows = len(request.session_ids)
         return pb.StepManyResponse(
