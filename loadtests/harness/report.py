@@ -70,7 +70,9 @@ def markdown(meta: dict[str, Any], points: list[dict[str, Any]], img_prefix: str
         f"Model `{meta['model']}`; {meta['workers']} load-generator processes; "
         f"{meta['warmup_s']:g} s warm-up + {meta['duration_s']:g} s measured per point; "
         f"RunSequence chunks of {meta['chunk']} steps (latency is per call); "
-        f"{meta['stream_width']} sessions per stream. Load average before / after: "
+        f"{meta['stream_width']} sessions per stream; "
+        f"{meta.get('many_width', 256)} sessions per StepMany message. "
+        "Load average before / after: "
         f"{meta['loadavg_before']} / {meta['loadavg_after']} on {meta['host']['cpus']} CPUs "
         f"({meta['host']['machine']}, Python {meta['host']['python']}); run took "
         f"{meta['elapsed_s']:.0f} s. Cells: steps/s, then p50 / p99 latency in ms.",
@@ -134,6 +136,15 @@ def markdown(meta: dict[str, Any], points: list[dict[str, Any]], img_prefix: str
         for name, value in ratios:
             lines.append(f"| {name} | {value:.2f}x |")
         lines.append("")
+    goals = targets(points)
+    if goals:
+        lines.append("**Targets (issue 11), from this run**")
+        lines.append("")
+        lines.append("| target | measured | met? |")
+        lines.append("|---|---|---|")
+        for name, measured, met in goals:
+            lines.append(f"| {name} | {measured} | {met} |")
+        lines.append("")
     lines.append(f"![throughput vs sessions]({img_prefix}bench_grpc_throughput.png)")
     lines.append(f"![p50 and p99 latency vs sessions]({img_prefix}bench_grpc_latency.png)")
     return "\n".join(lines) + "\n"
@@ -185,6 +196,105 @@ def target_ratios(points: list[dict[str, Any]]) -> list[tuple[str, float]]:
             rate(peer, "many", 256),
             rate("echo", "many", 256),
         )
+    return out
+
+
+QUEUE_DELAY_MS = 2.0  # rnnserve's default max_queue_delay_ms, which the peers run
+
+
+def targets(points: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """Issue 11's targets from one run: (target, measured, met: yes / no / not measured)."""
+    index = _index(points)
+
+    def ok(p: dict[str, Any] | None) -> dict[str, Any] | None:
+        good = p and p["steps"] > 0 and not p.get("peer_crashed")
+        return p if good else None
+
+    def get(peer: str, mode: str, s: int) -> dict[str, Any] | None:
+        return ok(index.get((peer, mode, s)))
+
+    def verdict(flags: list[bool]) -> str:
+        if not flags:
+            return "not measured"
+        return "yes" if all(flags) else "no"
+
+    out: list[tuple[str, str, str]] = []
+    # 1. CPU per step vs echo (memory store), and what Redis adds.
+    cells, flags = [], []
+    for mode in ("stream", "step", "kserve", "kserve-stream", "many"):
+        for s in (64, 256):
+            mem, echo = get("memory", mode, s), get("echo", mode, s)
+            if mem and echo:
+                ratio = mem["server_cpu_us_per_step"] / echo["server_cpu_us_per_step"]
+                cells.append(f"{mode} {s}: {ratio:.2f}x")
+                flags.append(ratio <= 1.3)
+    out.append(("server CPU per step <= 1.3x echo's, memory store", "; ".join(cells),
+                verdict(flags)))  # fmt: skip
+    cells, flags = [], []
+    for mode in ("stream", "step", "kserve", "kserve-stream", "many"):
+        mem, red = get("memory", mode, 256), get("redis", mode, 256)
+        if mem and red:
+            extra = red["server_cpu_us_per_step"] - mem["server_cpu_us_per_step"]
+            cells.append(f"{mode}: {extra:+.0f} µs")
+            flags.append(extra <= 40)
+    out.append(("Redis store adds <= 40 µs of server CPU per step (256 sessions)",
+                "; ".join(cells), verdict(flags)))  # fmt: skip
+    # 2. KServe vs Triton.
+    cells, flags = [], []
+    for mode in ("kserve", "kserve-stream"):
+        for s in (64, 256):
+            triton = get("triton", mode, s)
+            ours = [
+                (p["steps_per_s"], peer)
+                for peer in ("memory", "redis", "redis-x2")
+                if (p := get(peer, mode, s))
+            ]
+            if triton and ours:
+                rate, peer = max(ours)
+                ratio = rate / triton["steps_per_s"]
+                cells.append(f"{mode} {s}: {ratio:.2f}x ({peer})")
+                flags.append(ratio >= 1.0)
+    out.append(("KServe ModelInfer / ModelStreamInfer >= 1.0x Triton at 64 and 256",
+                "; ".join(cells), verdict(flags)))  # fmt: skip
+    # 3. Redis StepStream vs echo.
+    red, echo = get("redis", "stream", 256), get("echo", "stream", 256)
+    if red and echo:
+        ratio = red["steps_per_s"] / echo["steps_per_s"]
+        out.append(("Redis StepStream >= 0.70x echo at 256 sessions", f"{ratio:.2f}x",
+                    verdict([ratio >= 0.7])))  # fmt: skip
+    else:
+        out.append(("Redis StepStream >= 0.70x echo at 256 sessions", "", "not measured"))
+    # 4. The many-session message vs Triton's best ModelInfer at 256.
+    triton = get("triton", "kserve", 256)
+    cells, flags = [], []
+    for peer in ("memory", "redis", "redis-x2"):
+        many = get(peer, "many", 256)
+        if many and triton:
+            ratio = many["steps_per_s"] / triton["steps_per_s"]
+            cells.append(f"{peer}: {many['steps_per_s']:,.0f} = {ratio:.1f}x")
+            flags.append(ratio >= 5.0)
+    if triton:
+        cells.append(f"Triton ModelInfer: {triton['steps_per_s']:,.0f}")
+    out.append(("StepManyStream >= 5x Triton's ModelInfer at 256 sessions", "; ".join(cells),
+                "yes" if any(flags) else verdict(flags)))  # fmt: skip
+    # 5. p99 at half of the peak load (memory store, each mode it served).
+    cells, flags = [], []
+    for mode in ("stream", "many"):
+        rows = [p for p in points if p["peer"] == "memory" and p["mode"] == mode and ok(p)]
+        if len(rows) < 2:
+            continue
+        peak = max(p["steps_per_s"] for p in rows)
+        half = min(rows, key=lambda p: abs(p["steps_per_s"] - peak / 2))
+        if "compute_ms_per_batch" not in half:
+            continue
+        bound = 2 * (QUEUE_DELAY_MS + half["compute_ms_per_batch"])
+        cells.append(
+            f"{mode}: {half['p99_ms']:.1f} ms at {half['sessions']} sessions "
+            f"({half['steps_per_s']:,.0f} of peak {peak:,.0f} steps/s; bound {bound:.1f} ms)"
+        )
+        flags.append(half["p99_ms"] <= bound)
+    out.append(("p99 at half of peak <= 2 x (queue delay + one batch's compute)",
+                "; ".join(cells), verdict(flags)))  # fmt: skip
     return out
 
 
