@@ -29,6 +29,7 @@ import numpy as np
 
 from rnnserve.core import StepFunction, TensorSpec
 
+from .compute import ComputeProcess
 from .errors import (
     ConcurrentUpdate,
     InvalidArgument,
@@ -199,6 +200,7 @@ class SessionEngine:
         *,
         config: RunnerConfig | None = None,
         default: bool = True,
+        compute: ComputeProcess | None = None,
     ) -> ModelRunner:
         """Serve `step_fn` as `name` version `version` (warm it first: `step_fn.warmup()`)."""
         session_key(self.namespace, name, "s")  # validates the model name
@@ -207,7 +209,9 @@ class SessionEngine:
         versions = self._runners.setdefault(name, {})
         if version in versions:
             raise InvalidArgument(f"model {name!r} version {version!r} is already loaded")
-        runner = ModelRunner(name, version, step_fn, self.store, config or RunnerConfig())
+        runner = ModelRunner(
+            name, version, step_fn, self.store, config or RunnerConfig(), compute=compute
+        )
         versions[version] = runner
         if default or name not in self._default_version:
             self._default_version[name] = version

@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rnnserve.core import RecurrentModel, StepFunction, StepSignature, from_keras
+from rnnserve.service.compute import ComputeProcess
 from rnnserve.service.engine import RunnerConfig, SessionEngine
 from rnnserve.service.errors import InvalidArgument, ModelNotFound
 from rnnserve.service.metrics import model_loaded, model_unloaded
@@ -150,10 +151,13 @@ def load_step_function(path: Path, max_batch_size: int, *, warmup: bool) -> Step
 class ModelRepository:
     """Scans the repository folder and keeps the engine's loaded models in step with it."""
 
-    def __init__(self, root: Path, engine: SessionEngine, settings: Settings) -> None:
+    def __init__(
+        self, root: Path, engine: SessionEngine, settings: Settings, *, compute_threads: int = 1
+    ) -> None:
         self.root = root
         self.engine = engine
         self.settings = settings
+        self.compute_threads = compute_threads  # a compute process's TensorFlow threads
         self.catalog = ModelCatalog()
         self._lock = asyncio.Lock()
 
@@ -208,10 +212,33 @@ class ModelRepository:
         file_config = read_config(folder)
         config = file_config.runner_config(self.settings)
         warmup = self.settings.warmup if file_config.warmup is None else file_config.warmup
+        remote = self.settings.compute_process
         step = await asyncio.to_thread(
-            load_step_function, folder / MODEL_FILE, config.max_batch_size, warmup=warmup
+            load_step_function,
+            folder / MODEL_FILE,
+            config.max_batch_size,
+            warmup=warmup and not remote,  # the compute process warms its own copy
         )
-        self.engine.load_model(name, version, step, config=config, default=False)
+        compute = None
+        if remote:
+            compute = ComputeProcess(
+                folder / MODEL_FILE,
+                step.signature,
+                max_batch_size=config.max_batch_size,
+                slots=config.max_batches_in_flight,
+                warmup=warmup,
+                threads=self.compute_threads,
+                name=f"{name}:{version}",
+            )
+            await compute.start()
+        try:
+            self.engine.load_model(
+                name, version, step, config=config, default=False, compute=compute
+            )
+        except BaseException:
+            if compute is not None:
+                await compute.aclose()
+            raise
         entry = LoadedModel(
             name=name,
             version=version,

@@ -46,6 +46,7 @@ import numpy as np
 from rnnserve.core import StepFunction, StepSignature, TensorSpec
 
 from .batcher import RETRY, DynamicBatcher, Request, Retry
+from .compute import ComputeProcess
 from .errors import (
     ConcurrentUpdate,
     FailedPrecondition,
@@ -292,8 +293,11 @@ class ModelRunner:
         step_fn: StepFunction,
         store: StateStore,
         config: RunnerConfig,
+        *,
+        compute: ComputeProcess | None = None,
     ) -> None:
         self.name = name
+        self.compute_process = compute
         self.version = version
         self.step_fn = step_fn
         self.signature: StepSignature = step_fn.signature
@@ -347,6 +351,8 @@ class ModelRunner:
     async def aclose(self) -> None:
         await self.batcher.aclose()
         self._executor.shutdown(wait=True)
+        if self.compute_process is not None:
+            await self.compute_process.aclose()
 
     def result(self, batch_outputs: Sequence[np.ndarray], row: int, seq: int) -> StepResult:
         return StepResult(
@@ -389,8 +395,8 @@ class ModelRunner:
         results: Results = [RETRY] * len(batch)
         inputs = stack_inputs([r.payload for r in batch], len(self.signature.inputs))
         if self.config.reject_nonfinite:
-            for i, error in nonfinite_rows(inputs, self.signature.inputs).items():
-                results[i] = error
+            for i, refused in nonfinite_rows(inputs, self.signature.inputs).items():
+                results[i] = refused
         keys = cast(list[str], [r.key for r in batch])
         raws = await self._load(keys)
         metrics.state_load.observe(time.perf_counter() - started)
@@ -402,9 +408,14 @@ class ModelRunner:
         try:
             outputs, new_states = await self._compute(inputs, views)
         except Exception as exc:
-            logger.exception("model %s:%s step failed", self.name, self.version)
-            error = Internal(f"model {self.name!r} version {self.version!r} step failed")
-            error.__cause__ = exc
+            error: BaseException
+            if isinstance(exc, RnnserveError):  # e.g. the compute process died: UNAVAILABLE
+                logger.error("model %s:%s step failed: %s", self.name, self.version, exc)
+                error = exc
+            else:
+                logger.exception("model %s:%s step failed", self.name, self.version)
+                error = Internal(f"model {self.name!r} version {self.version!r} step failed")
+                error.__cause__ = exc
             for i in todo:  # the replays and conflicts of this batch still stand
                 results[i] = error
             return results
@@ -485,9 +496,14 @@ class ModelRunner:
     async def _compute(
         self, inputs: list[np.ndarray], views: list[RecordView]
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """The model step over the rows to apply, in the executor (never on the loop)."""
+        """The model step over the rows to apply, in the executor or the compute process
+        (never on the event loop)."""
         constants = self.codec.stack_constants(views)
         states = self.codec.stack_states(views)
+        if self.compute_process is not None:
+            outputs, new_states, seconds = await self.compute_process.run(inputs, constants, states)
+            self.metrics.compute.observe(seconds)
+            return outputs, new_states
         loop = asyncio.get_running_loop()
         outputs, new_states = await loop.run_in_executor(
             self._executor, self._timed_step, inputs, constants, states

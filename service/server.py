@@ -188,6 +188,7 @@ class RnnserveServer:
             "listening on %s:%d (%s)", settings.host, port, "TLS" if credentials else "plaintext"
         )
         threads = settings.compute_threads or max(1, available_cpus() - 1)
+        self.repository.compute_threads = threads
         if set_compute_threads(threads):
             logger.info("model steps use up to %d CPU thread(s)", threads)
         else:

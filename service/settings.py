@@ -59,6 +59,12 @@ class Settings(BaseSettings):
         "reject", description="NaN/Inf in float inputs, constants, initial states: reject or allow"
     )
     warmup: bool = Field(True, description="compile every batch bucket before serving")
+    compute_process: bool = Field(
+        False,
+        description="run each model version's step in a child process of its own, fed "
+        "through shared memory: the event loop never shares its GIL with the model's "
+        "Python (one more process and model copy per version)",
+    )
     compute_threads: int = Field(
         0,
         ge=0,
