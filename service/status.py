@@ -254,6 +254,18 @@ def _checked(request: Any) -> Any:
     return request
 
 
+def stream_reader(context: aio.ServicerContext) -> Callable[[], Awaitable[Any]]:
+    """`read()` for a stream handler that reads with `context.read()` instead of its
+    request iterator: the next request (checked as the iterator's are), None at the end."""
+    eof = aio.EOF
+
+    async def read() -> Any:
+        request = await context.read()
+        return None if request is eof else _checked(request)
+
+    return read
+
+
 async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
     async for request in requests:
         yield _checked(request)

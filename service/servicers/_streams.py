@@ -1,5 +1,9 @@
 """Bidirectional streams whose messages are answered concurrently.
 
+`serve_submitted` answers requests that each become one future (a step in the batcher):
+StepStream and StepManyStream. `answer_concurrently` runs a task per request, for
+answers that must wait on more than one thing (KServe's sequence order).
+
 A stream may carry the steps of many sessions: answering them one after the
 other would put one step per batch. Each message gets its own task instead
 (at most `window` at once, which pushes back on a fast client), and replies
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -63,19 +68,32 @@ async def answer_concurrently(
         reader.cancel()
 
 
-async def answer_submitted(
-    requests: AsyncIterator[Request],
+async def serve_submitted(
+    read: Callable[[], Awaitable[Request | None]],
+    write: Callable[[Reply], Awaitable[None]],
     submit: Callable[[Request], Reply | asyncio.Future[Any]],
     finish: Callable[[Request, asyncio.Future[Any]], Reply],
     *,
     window: int,
-) -> AsyncIterator[Reply]:
-    """`answer_concurrently` for requests answered by one future each, without a task
-    per message: `submit(request)` runs on arrival and gives the reply at once (an
-    error) or a future (a step in the batcher); `finish(request, future)` turns the
-    settled future into the reply and must not raise. Closing the stream cancels the
-    futures not yet settled (the batcher drops steps not yet batched)."""
-    replies: asyncio.Queue[Reply | None] = asyncio.Queue()
+) -> None:
+    """Answer a stream's requests, each by one future, without a task per message.
+
+    `read()` gives the next request (None once the client is done sending);
+    `submit(request)` runs on arrival and gives the reply at once (an error) or a
+    future (a step in the batcher); `finish(request, future)` turns the settled future
+    into the reply and must not raise; `write(reply)` sends it. Replies go out in
+    settling order as soon as they are ready; at most `window` futures are pending (the
+    reader waits for a free slot, which pushes back on a fast client). Returns once the
+    request stream has ended and every reply is written; an error of `read` is raised
+    after that. Leaving early (the client went away: `write` raises, or the call is
+    cancelled) cancels the futures not yet settled (the batcher drops steps not yet
+    batched).
+
+    On gRPC, `read` is `context.read()` and `write` is `context.write()`: no async
+    generators between the transport and the batcher, in either direction.
+    """
+    replies: deque[Reply] = deque()
+    ready = asyncio.Event()
     slots = asyncio.Semaphore(window)
     pending: set[asyncio.Future[Any]] = set()
     reading = True
@@ -83,14 +101,13 @@ async def answer_submitted(
     def settled(request: Request, future: asyncio.Future[Any]) -> None:
         pending.discard(future)
         slots.release()
-        replies.put_nowait(finish(request, future))
-        if not reading and not pending:
-            replies.put_nowait(None)
+        replies.append(finish(request, future))
+        ready.set()
 
-    async def read() -> None:
+    async def reader() -> None:
         nonlocal reading
         try:
-            async for request in requests:
+            while (request := await read()) is not None:
                 await slots.acquire()
                 out = submit(request)
                 if isinstance(out, asyncio.Future):
@@ -98,18 +115,23 @@ async def answer_submitted(
                     out.add_done_callback(functools.partial(settled, request))
                 else:
                     slots.release()
-                    replies.put_nowait(out)
+                    replies.append(out)
+                    ready.set()
         finally:
             reading = False
-            if not pending:
-                replies.put_nowait(None)
+            ready.set()
 
-    reader = asyncio.ensure_future(read())
+    task = asyncio.ensure_future(reader())
     try:
-        while (reply := await replies.get()) is not None:
-            yield reply
-        await reader  # the request stream's own error, if any
+        while True:
+            while replies:
+                await write(replies.popleft())
+            if not reading and not pending:
+                break
+            ready.clear()  # no await since `replies` was seen empty: nothing is missed
+            await ready.wait()
+        await task  # the request stream's own error, if any
     finally:
-        reader.cancel()
+        task.cancel()
         for future in list(pending):
             future.cancel()

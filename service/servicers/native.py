@@ -19,8 +19,8 @@ from rnnserve.service.engine import ManyResult, ManySteps, SessionEngine, Sessio
 from rnnserve.service.errors import InvalidArgument
 from rnnserve.service.record import SessionRecord
 from rnnserve.service.repository import ModelCatalog
-from rnnserve.service.servicers._streams import answer_submitted
-from rnnserve.service.status import describe, namespace_var
+from rnnserve.service.servicers._streams import serve_submitted
+from rnnserve.service.status import describe, namespace_var, stream_reader
 from rnnserve.service.wire import decode_named, encode_named, encode_tensor, spec_message
 
 # Steps of one StepStream being processed at once (back-pressure on the client).
@@ -105,8 +105,9 @@ class RecurrentServicer(pb_grpc.RecurrentServicer):  # type: ignore[misc]
 
     async def StepStream(
         self, requests: AsyncIterator[pb.StepRequest], context: aio.ServicerContext
-    ) -> AsyncIterator[pb.StepResponse]:
-        # One future per step, no task per message: a stream carries many sessions'
+    ) -> None:
+        # One future per step, no task per message, and reads and writes straight on the
+        # context (no async generators in between): a stream carries many sessions'
         # steps, and its per-message cost is most of what a streamed step costs.
         def failed(request: pb.StepRequest, exc: BaseException) -> pb.StepResponse:
             code, message = describe(exc)  # one bad step must not end the stream
@@ -128,8 +129,9 @@ class RecurrentServicer(pb_grpc.RecurrentServicer):  # type: ignore[misc]
             except (Exception, asyncio.CancelledError) as exc:  # cancelled: the stream closes
                 return failed(request, exc)
 
-        async for reply in answer_submitted(requests, submit, finish, window=STREAM_WINDOW):
-            yield reply
+        await serve_submitted(
+            stream_reader(context), context.write, submit, finish, window=STREAM_WINDOW
+        )
 
     # -- many sessions per message -------------------------------------------------
     def _submit_many(self, request: pb.StepManyRequest) -> ManySteps:
@@ -170,7 +172,7 @@ class RecurrentServicer(pb_grpc.RecurrentServicer):  # type: ignore[misc]
 
     async def StepManyStream(
         self, requests: AsyncIterator[pb.StepManyRequest], context: aio.ServicerContext
-    ) -> AsyncIterator[pb.StepManyResponse]:
+    ) -> None:
         pendings: dict[asyncio.Future[None], ManySteps] = {}
 
         def failed(request: pb.StepManyRequest, exc: BaseException) -> pb.StepManyResponse:
@@ -198,8 +200,9 @@ class RecurrentServicer(pb_grpc.RecurrentServicer):  # type: ignore[misc]
             except Exception as exc:
                 return failed(request, exc)
 
-        async for reply in answer_submitted(requests, submit, finish, window=MANY_STREAM_WINDOW):
-            yield reply
+        await serve_submitted(
+            stream_reader(context), context.write, submit, finish, window=MANY_STREAM_WINDOW
+        )
 
     async def RunSequence(
         self, request: pb.RunSequenceRequest, context: aio.ServicerContext
