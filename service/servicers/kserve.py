@@ -30,7 +30,7 @@ from rnnserve.core import StepSignature, TensorSpec
 from rnnserve.service._generated.inference import grpc_service_pb2 as pb
 from rnnserve.service._generated.inference import grpc_service_pb2_grpc as pb_grpc
 from rnnserve.service._generated.inference import model_config_pb2 as config_pb
-from rnnserve.service.engine import ModelRunner, SessionEngine
+from rnnserve.service.engine import ModelRunner, SessionEngine, StepResult
 from rnnserve.service.errors import InvalidArgument, SessionNotFound
 from rnnserve.service.servicers._streams import answer_concurrently
 from rnnserve.service.status import describe, namespace_var
@@ -335,6 +335,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self, request: pb.ModelInferRequest, *, submitting: Callable[[], None] | None = None
     ) -> pb.ModelInferResponse:
         model = request.model_name
+        # The signature decodes the request; the reply is built from the step's result.
         loaded = self.engine.loaded(model, request.model_version or None)
         sig = loaded.signature
         params = request.parameters
@@ -370,7 +371,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             ) from exc
         if end:
             await self.engine.end(model, session_id, namespace=namespace)
-        return self._response(request, loaded, result.outputs)
+        return self._response(request, result)
 
     def _decode_inputs(
         self, request: pb.ModelInferRequest, sig: StepSignature, *, start: bool
@@ -412,14 +413,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         constants = {name: arrays[name] for name in constant_names}
         return inputs, constants
 
-    def _response(
-        self, request: pb.ModelInferRequest, loaded: ModelRunner, outputs: list[np.ndarray]
-    ) -> pb.ModelInferResponse:
+    @staticmethod
+    def _response(request: pb.ModelInferRequest, result: StepResult) -> pb.ModelInferResponse:
+        """The reply from the step's own result: the version and output specs that made it."""
         wanted = {o.name for o in request.outputs}
         response = pb.ModelInferResponse(
-            model_name=loaded.name, model_version=loaded.version, id=request.id
+            model_name=request.model_name, model_version=result.version, id=request.id
         )
-        for spec, value in zip(loaded.signature.outputs, outputs, strict=True):
+        for spec, value in zip(result.output_specs, result.outputs, strict=True):
             if wanted and spec.name not in wanted:
                 continue
             array = np.asarray(value, dtype=np.dtype(spec.dtype).newbyteorder("<"))
