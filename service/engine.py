@@ -1,7 +1,12 @@
 """`SessionEngine`: the session lifecycle API over the loaded models.
 
 Start, step, step many sessions at once, run a sequence, end, reset, get, export and
-import. Each loaded model version has a `ModelRunner` (`runner.py`): its compiled
+import. The engine is the one registry of what is loaded: `load_model` and
+`unload_model` change it; `models`, `versions`, `default_version` and `loaded` read it
+(the servicers answer ListModels and metadata from them). A model's default version is
+its highest (`version_key` order) unless one is pinned with `set_default_version`.
+
+Each loaded model version has a `ModelRunner` (`runner.py`): its compiled
 `StepFunction`, a `DynamicBatcher` and the batch path (load, judge, compute, commit),
 which also holds the semantics of a step (seq, replays, conflicts, compare-and-set
 retries). This module checks requests, builds store keys and hands steps to runners.
@@ -22,8 +27,9 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -63,11 +69,22 @@ __all__ = [
     "SessionEngine",
     "SessionInfo",
     "StepResult",
+    "sorted_versions",
+    "version_key",
 ]
 
 logger = logging.getLogger(__name__)
 
 MAX_REQUEST_ID_LENGTH = 256
+
+
+def version_key(version: str) -> tuple[int, int | str]:
+    """The order of a model's versions: numbers by value, before any other name."""
+    return (0, int(version)) if version.isdigit() else (1, version)
+
+
+def sorted_versions(versions: Iterable[str]) -> list[str]:
+    return sorted(versions, key=version_key)
 
 
 @dataclass(frozen=True)
@@ -160,8 +177,9 @@ class SessionEngine:
     """Sessions of the loaded models: start, step, run_sequence, end, reset, get, export/import.
 
     Owns its store (closed by `aclose`). Models are loaded with `load_model`; a request
-    names the model and optionally a version (default: the version loaded last).
-    `namespace` (default: the engine's) is the key prefix that separates callers.
+    names the model and optionally a version (default: `default_version`, the highest
+    loaded version unless one is pinned). `namespace` (default: the engine's) is the key
+    prefix that separates callers.
     """
 
     def __init__(
@@ -170,7 +188,8 @@ class SessionEngine:
         self.store = store
         self.namespace = namespace
         self._runners: dict[str, dict[str, ModelRunner]] = {}
-        self._default_version: dict[str, str] = {}
+        self._pinned: dict[str, str] = {}  # versions set by `set_default_version`
+        self._default_version: dict[str, str] = {}  # the rule's answer, kept current
         self._request_ids = itertools.count()
         self._request_prefix = f"~{secrets.token_hex(6)}-"
         self._window = max(1, run_sequence_window)
@@ -189,9 +208,12 @@ class SessionEngine:
         self._closing = True
         runners = [r for versions in self._runners.values() for r in versions.values()]
         self._runners.clear()
+        self._pinned.clear()
+        self._default_version.clear()
         await asyncio.gather(*(r.aclose() for r in runners))
         await self.store.aclose()
 
+    # -- the registry of loaded models --------------------------------------------------
     def load_model(
         self,
         name: str,
@@ -199,10 +221,17 @@ class SessionEngine:
         step_fn: StepFunction,
         *,
         config: RunnerConfig | None = None,
-        default: bool = True,
+        default: bool = False,
+        path: Path | None = None,
+        load_seconds: float | None = None,
         compute: ComputeProcess | None = None,
     ) -> ModelRunner:
-        """Serve `step_fn` as `name` version `version` (warm it first: `step_fn.warmup()`)."""
+        """Serve `step_fn` as `name` version `version` (warm it first: `step_fn.warmup()`).
+
+        `default=True` pins this version as the model's default (`set_default_version`);
+        otherwise the default stays the highest loaded version (or the pinned one).
+        `path` and `load_seconds` say where it came from, for those who read the registry.
+        """
         session_key(self.namespace, name, "s")  # validates the model name
         if not version:
             raise InvalidArgument("a model version must be non-empty")
@@ -210,42 +239,86 @@ class SessionEngine:
         if version in versions:
             raise InvalidArgument(f"model {name!r} version {version!r} is already loaded")
         runner = ModelRunner(
-            name, version, step_fn, self.store, config or RunnerConfig(), compute=compute
+            name,
+            version,
+            step_fn,
+            self.store,
+            config or RunnerConfig(),
+            path=path,
+            load_seconds=load_seconds,
+            compute=compute,
         )
         versions[version] = runner
-        if default or name not in self._default_version:
-            self._default_version[name] = version
+        if default:
+            self._pinned[name] = version
+        self._choose_default(name)
         return runner
 
     async def unload_model(self, name: str, version: str) -> None:
-        runner = self.runner(name, version)
+        """Stop serving `name` version `version`: its queued steps finish first. A pin
+        on it is dropped (the default goes back to the highest version left)."""
+        runner = self.loaded(name, version)
         del self._runners[name][version]
         if not self._runners[name]:
             del self._runners[name]
-            del self._default_version[name]
-        elif self._default_version[name] == version:
-            self._default_version[name] = next(reversed(self._runners[name]))
+        if self._pinned.get(name) == version:
+            del self._pinned[name]
+        self._choose_default(name)
         await runner.aclose()
 
-    def set_default_version(self, name: str, version: str) -> None:
-        """The version used when a request names none (the repository picks the highest)."""
-        self.runner(name, version)
-        self._default_version[name] = version
-
-    def runner(self, model: str, version: str | None = None) -> ModelRunner:
-        if self._closing:
-            raise ShuttingDown("the engine is shutting down")
-        versions = self._runners.get(model)
-        if not versions:
-            raise ModelNotFound(f"model {model!r} is not loaded")
+    def set_default_version(self, name: str, version: str | None) -> None:
+        """Pin the version used when a request names none; `None` unpins (the highest
+        loaded version again). A pin lasts until that version is unloaded."""
         if version is None:
-            version = self._default_version[model]
+            self._pinned.pop(name, None)
+        else:
+            self.loaded(name, version)
+            self._pinned[name] = version
+        self._choose_default(name)
+
+    def _choose_default(self, name: str) -> None:
+        versions = self._runners.get(name)
+        if not versions:
+            self._default_version.pop(name, None)
+            self._pinned.pop(name, None)
+            return
+        self._default_version[name] = self._pinned.get(name) or max(versions, key=version_key)
+
+    def models(self) -> list[str]:
+        """The names of the loaded models, sorted."""
+        return sorted(self._runners)
+
+    def versions(self, name: str) -> list[str]:
+        """The loaded versions of `name` in `version_key` order (empty if none)."""
+        return sorted_versions(self._runners.get(name, ()))
+
+    def default_version(self, name: str) -> str:
+        """The version a request that names none gets: the pinned one, else the highest."""
+        version = self._default_version.get(name)
+        if version is None:
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        return version
+
+    def loaded(self, name: str, version: str | None = None) -> ModelRunner:
+        """The runner of `name` at `version` (default: `default_version`): its signature,
+        config, and where it was loaded from. Raises `ModelNotFound`."""
+        versions = self._runners.get(name)
+        if not versions:
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        if version is None:
+            version = self._default_version[name]
         runner = versions.get(version)
         if runner is None:
             raise ModelNotFound(
-                f"model {model!r} has no version {version!r} loaded (loaded: {sorted(versions)})"
+                f"model {name!r} has no version {version!r} loaded (loaded: {self.versions(name)})"
             )
         return runner
+
+    def runner(self, model: str, version: str | None = None) -> ModelRunner:
+        """`loaded`, for a session call: refused with `ShuttingDown` once closing."""
+        if self._closing:
+            raise ShuttingDown("the engine is shutting down")
+        return self.loaded(model, version)
 
     def _key(self, model: str, session_id: str, namespace: str | None) -> str:
         return session_key(self.namespace if namespace is None else namespace, model, session_id)

@@ -6,11 +6,13 @@
         2/model.keras
         2/config.yaml        # optional: max_batch_size, idle_timeout_s, state_dtype...
 
-Every version found is loaded, warmed and handed to the engine; the highest
-version (numerically when all are numbers) is a model's default. `sync()` makes
-the engine match the folder: new versions load, removed ones unload, a changed
+Every version found is loaded, warmed and handed to the engine, which is the one
+registry of what is loaded and picks a model's default: its highest version
+(numerically when versions are numbers; `engine.version_key`). `sync()` makes the
+engine match the folder: new versions load, removed ones unload, a changed
 `model.keras` or `config.yaml` reloads. The server calls it at start and, with
-`repository_poll_s`, on a timer: models change without a restart.
+`repository_poll_s`, on a timer: models change without a restart. The repository
+itself keeps only the fingerprint of each folder it loaded, to see it change.
 """
 
 from __future__ import annotations
@@ -19,17 +21,16 @@ import asyncio
 import logging
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from rnnserve.core import RecurrentModel, StepFunction, StepSignature, from_keras
+from rnnserve.core import RecurrentModel, StepFunction, from_keras
 from rnnserve.service.compute import ComputeProcess
 from rnnserve.service.engine import RunnerConfig, SessionEngine
-from rnnserve.service.errors import InvalidArgument, ModelNotFound
+from rnnserve.service.errors import InvalidArgument
 from rnnserve.service.metrics import model_loaded, model_unloaded
 from rnnserve.service.settings import Settings
 
@@ -68,56 +69,10 @@ class ModelConfigFile(BaseModel):
         )
 
 
-@dataclass(frozen=True)
-class LoadedModel:
-    """A model version the engine serves, and what it was loaded from."""
-
-    name: str
-    version: str
-    path: Path
-    fingerprint: tuple[float, ...]
-    signature: StepSignature
-    config: RunnerConfig
-    load_seconds: float
+Fingerprint = tuple[float, ...]
 
 
-@dataclass
-class ModelCatalog:
-    """What is loaded now; the servicers answer ListModels and metadata from it."""
-
-    models: dict[str, dict[str, LoadedModel]] = field(default_factory=dict)
-
-    def versions(self, name: str) -> list[str]:
-        return _sorted_versions(self.models.get(name, {}))
-
-    def default_version(self, name: str) -> str:
-        versions = self.versions(name)
-        if not versions:
-            raise ModelNotFound(f"model {name!r} is not loaded")
-        return versions[-1]
-
-    def get(self, name: str, version: str | None = None) -> LoadedModel:
-        versions = self.models.get(name)
-        if not versions:
-            raise ModelNotFound(f"model {name!r} is not loaded")
-        chosen = version or self.default_version(name)
-        loaded = versions.get(chosen)
-        if loaded is None:
-            raise ModelNotFound(
-                f"model {name!r} has no version {chosen!r} (loaded: {self.versions(name)})"
-            )
-        return loaded
-
-
-def _version_key(version: str) -> tuple[int, int | str]:
-    return (0, int(version)) if version.isdigit() else (1, version)
-
-
-def _sorted_versions(versions: Any) -> list[str]:
-    return sorted(versions, key=_version_key)
-
-
-def _fingerprint(folder: Path) -> tuple[float, ...]:
+def _fingerprint(folder: Path) -> Fingerprint:
     stamps = []
     for name in (MODEL_FILE, CONFIG_FILE):
         path = folder / name
@@ -158,7 +113,8 @@ class ModelRepository:
         self.engine = engine
         self.settings = settings
         self.compute_threads = compute_threads  # a compute process's TensorFlow threads
-        self.catalog = ModelCatalog()
+        # The folder of each version this repository loaded, as it was then.
+        self._fingerprints: dict[tuple[str, str], Fingerprint] = {}
         self._lock = asyncio.Lock()
 
     def scan(self) -> dict[tuple[str, str], Path]:
@@ -179,34 +135,33 @@ class ModelRepository:
         """Load, reload and unload so the engine serves what the folder holds.
 
         Returns a line per change. A version that fails to load is logged and
-        skipped (the others still load); it is retried at the next sync.
+        skipped (the others still load); it is retried at the next sync. A version
+        the engine serves that this repository did not load from its folder as it is
+        now (removed, changed, or loaded by another hand) is unloaded.
         """
         async with self._lock:
             changes: list[str] = []
             wanted = self.scan()
-            loaded = {
-                (name, version): entry
-                for name, versions in self.catalog.models.items()
-                for version, entry in versions.items()
-            }
-            for (name, version), entry in loaded.items():
-                folder = wanted.get((name, version))
-                if folder is None or _fingerprint(folder) != entry.fingerprint:
-                    await self._unload(name, version)
-                    changes.append(f"unloaded {name}/{version}")
+            engine = self.engine
+            for name in engine.models():
+                for version in engine.versions(name):
+                    folder = wanted.get((name, version))
+                    loaded_from = self._fingerprints.get((name, version))
+                    if folder is None or _fingerprint(folder) != loaded_from:
+                        await self._unload(name, version)
+                        changes.append(f"unloaded {name}/{version}")
             for (name, version), folder in sorted(wanted.items()):
-                if version in self.catalog.models.get(name, {}):
+                if version in engine.versions(name):
                     continue
                 try:
-                    entry = await self._load(name, version, folder)
+                    seconds = await self._load(name, version, folder)
                 except Exception:
                     logger.exception("could not load model %s version %s", name, version)
                     continue
-                changes.append(f"loaded {name}/{version} in {entry.load_seconds:.1f}s")
-            self._apply_defaults()
+                changes.append(f"loaded {name}/{version} in {seconds:.1f}s")
             return changes
 
-    async def _load(self, name: str, version: str, folder: Path) -> LoadedModel:
+    async def _load(self, name: str, version: str, folder: Path) -> float:
         started = time.perf_counter()
         fingerprint = _fingerprint(folder)
         file_config = read_config(folder)
@@ -231,40 +186,31 @@ class ModelRepository:
                 name=f"{name}:{version}",
             )
             await compute.start()
+        seconds = time.perf_counter() - started
         try:
             self.engine.load_model(
-                name, version, step, config=config, default=False, compute=compute
+                name,
+                version,
+                step,
+                config=config,
+                path=folder,
+                load_seconds=seconds,
+                compute=compute,
             )
         except BaseException:
             if compute is not None:
                 await compute.aclose()
             raise
-        entry = LoadedModel(
-            name=name,
-            version=version,
-            path=folder,
-            fingerprint=fingerprint,
-            signature=step.signature,
-            config=config,
-            load_seconds=time.perf_counter() - started,
-        )
-        self.catalog.models.setdefault(name, {})[version] = entry
-        model_loaded(name, version, entry.load_seconds)
-        logger.info("loaded model %s version %s in %.1fs", name, version, entry.load_seconds)
-        return entry
+        self._fingerprints[(name, version)] = fingerprint
+        model_loaded(name, version, seconds)
+        logger.info("loaded model %s version %s in %.1fs", name, version, seconds)
+        return seconds
 
     async def _unload(self, name: str, version: str) -> None:
+        self._fingerprints.pop((name, version), None)
         await self.engine.unload_model(name, version)
         model_unloaded(name, version)
-        versions = self.catalog.models.get(name, {})
-        versions.pop(version, None)
-        if not versions:
-            self.catalog.models.pop(name, None)
         logger.info("unloaded model %s version %s", name, version)
-
-    def _apply_defaults(self) -> None:
-        for name in self.catalog.models:
-            self.engine.set_default_version(name, self.catalog.default_version(name))
 
     async def poll(self, interval_s: float) -> None:
         """Re-sync every `interval_s` seconds until cancelled."""

@@ -39,6 +39,7 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -284,7 +285,9 @@ Results = list[StepResult | BaseException | Retry]
 
 
 class ModelRunner:
-    """One model version being served: its step function, codec, batcher and executor."""
+    """One model version being served: its step function, codec, batcher and executor,
+    and what the engine's registry tells about it (signature, config, the folder it was
+    loaded from and how long that took, when a loader says so)."""
 
     def __init__(
         self,
@@ -294,6 +297,8 @@ class ModelRunner:
         store: StateStore,
         config: RunnerConfig,
         *,
+        path: Path | None = None,
+        load_seconds: float | None = None,
         compute: ComputeProcess | None = None,
     ) -> None:
         self.name = name
@@ -302,6 +307,8 @@ class ModelRunner:
         self.step_fn = step_fn
         self.signature: StepSignature = step_fn.signature
         self.config = config
+        self.path = path
+        self.load_seconds = load_seconds
         self.stats = RunnerStats()
         self.metrics = RunnerMetrics(name, version, queue_capacity=config.max_queue_size)
         self._store = store

@@ -155,10 +155,10 @@ class RnnserveServer:
             ],
         )
         pb_grpc.add_RecurrentServicer_to_server(  # type: ignore[no-untyped-call]
-            RecurrentServicer(self.engine, self.repository.catalog), server
+            RecurrentServicer(self.engine), server
         )
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            InferenceServicer(self.engine, self.repository.catalog, ready=self.is_ready), server
+            InferenceServicer(self.engine, ready=self.is_ready), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -206,7 +206,7 @@ class RnnserveServer:
             self._interceptor.start_serving()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._ready = True
-        logger.info("serving %d model(s)", len(self.repository.catalog.models))
+        logger.info("serving %d model(s)", len(self.engine.models()))
         return self.port
 
     def is_ready(self) -> bool:

@@ -30,9 +30,8 @@ from rnnserve.core import StepSignature, TensorSpec
 from rnnserve.service._generated.inference import grpc_service_pb2 as pb
 from rnnserve.service._generated.inference import grpc_service_pb2_grpc as pb_grpc
 from rnnserve.service._generated.inference import model_config_pb2 as config_pb
-from rnnserve.service.engine import SessionEngine
+from rnnserve.service.engine import ModelRunner, SessionEngine, StepResult
 from rnnserve.service.errors import InvalidArgument, SessionNotFound
-from rnnserve.service.repository import LoadedModel, ModelCatalog
 from rnnserve.service.servicers._streams import answer_concurrently
 from rnnserve.service.status import describe, namespace_var
 
@@ -247,11 +246,8 @@ class _SequenceOrder:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    def __init__(
-        self, engine: SessionEngine, catalog: ModelCatalog, *, ready: Callable[[], bool]
-    ) -> None:
+    def __init__(self, engine: SessionEngine, *, ready: Callable[[], bool]) -> None:
         self.engine = engine
-        self.catalog = catalog
         self.ready = ready
 
     # -- health and metadata --------------------------------------------------------
@@ -268,7 +264,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: aio.ServicerContext
     ) -> pb.ModelReadyResponse:
-        versions = self.catalog.models.get(request.name, {})
+        versions = self.engine.versions(request.name)
         ready = bool(versions) and (not request.version or request.version in versions)
         return pb.ModelReadyResponse(ready=ready and self.ready())
 
@@ -282,11 +278,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        loaded = self.catalog.get(request.name, request.version or None)
+        loaded = self.engine.loaded(request.name, request.version or None)
         sig = loaded.signature
         return pb.ModelMetadataResponse(
             name=loaded.name,
-            versions=self.catalog.versions(loaded.name),
+            versions=self.engine.versions(loaded.name),
             platform=PLATFORM,
             inputs=[_metadata_tensor(s) for s in (*sig.inputs, *sig.constants)],
             outputs=[_metadata_tensor(s) for s in sig.outputs],
@@ -296,7 +292,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self, request: pb.ModelConfigRequest, context: aio.ServicerContext
     ) -> pb.ModelConfigResponse:
         return pb.ModelConfigResponse(
-            config=model_config(self.catalog.get(request.name, request.version or None))
+            config=model_config(self.engine.loaded(request.name, request.version or None))
         )
 
     # -- inference --------------------------------------------------------------------
@@ -339,7 +335,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self, request: pb.ModelInferRequest, *, submitting: Callable[[], None] | None = None
     ) -> pb.ModelInferResponse:
         model = request.model_name
-        loaded = self.catalog.get(model, request.model_version or None)
+        # The signature decodes the request; the reply is built from the step's result.
+        loaded = self.engine.loaded(model, request.model_version or None)
         sig = loaded.signature
         params = request.parameters
         session_id = session_id_of(params, model)
@@ -374,7 +371,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             ) from exc
         if end:
             await self.engine.end(model, session_id, namespace=namespace)
-        return self._response(request, loaded, result.outputs)
+        return self._response(request, result)
 
     def _decode_inputs(
         self, request: pb.ModelInferRequest, sig: StepSignature, *, start: bool
@@ -416,14 +413,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         constants = {name: arrays[name] for name in constant_names}
         return inputs, constants
 
-    def _response(
-        self, request: pb.ModelInferRequest, loaded: LoadedModel, outputs: list[np.ndarray]
-    ) -> pb.ModelInferResponse:
+    @staticmethod
+    def _response(request: pb.ModelInferRequest, result: StepResult) -> pb.ModelInferResponse:
+        """The reply from the step's own result: the version and output specs that made it."""
         wanted = {o.name for o in request.outputs}
         response = pb.ModelInferResponse(
-            model_name=loaded.name, model_version=loaded.version, id=request.id
+            model_name=request.model_name, model_version=result.version, id=request.id
         )
-        for spec, value in zip(loaded.signature.outputs, outputs, strict=True):
+        for spec, value in zip(result.output_specs, result.outputs, strict=True):
             if wanted and spec.name not in wanted:
                 continue
             array = np.asarray(value, dtype=np.dtype(spec.dtype).newbyteorder("<"))
@@ -444,7 +441,7 @@ def _dims(spec: TensorSpec) -> dict[str, Any]:
     return {"dims": [1], "reshape": config_pb.ModelTensorReshape(shape=[])}
 
 
-def model_config(loaded: LoadedModel) -> config_pb.ModelConfig:
+def model_config(loaded: ModelRunner) -> config_pb.ModelConfig:
     """The model as Triton describes a sequence model with implicit state."""
     sig = loaded.signature
     cfg = loaded.config

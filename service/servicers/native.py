@@ -18,7 +18,6 @@ from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grp
 from rnnserve.service.engine import ManyResult, ManySteps, SessionEngine, SessionInfo, StepResult
 from rnnserve.service.errors import InvalidArgument
 from rnnserve.service.record import SessionRecord
-from rnnserve.service.repository import ModelCatalog
 from rnnserve.service.servicers._streams import serve_submitted
 from rnnserve.service.status import describe, namespace_var, stream_reader
 from rnnserve.service.wire import decode_named, encode_named, encode_tensor, spec_message
@@ -48,9 +47,8 @@ def _optional_seq(request: Any) -> int | None:
 
 
 class RecurrentServicer(pb_grpc.RecurrentServicer):  # type: ignore[misc]
-    def __init__(self, engine: SessionEngine, catalog: ModelCatalog) -> None:
+    def __init__(self, engine: SessionEngine) -> None:
         self.engine = engine
-        self.catalog = catalog
 
     @staticmethod
     def _outputs(result: StepResult) -> list[pb.Tensor]:
@@ -287,7 +285,7 @@ class RecurrentServicer(pb_grpc.RecurrentServicer):  # type: ignore[misc]
         record = await self.engine.export_state(
             request.model, request.session_id, namespace=namespace_var.get()
         )
-        signature = self.catalog.get(record.model, record.version).signature
+        signature = self.engine.loaded(record.model, record.version).signature
         info = await self.engine.get(
             request.model, request.session_id, namespace=namespace_var.get()
         )
@@ -323,21 +321,22 @@ class RecurrentServicer(pb_grpc.RecurrentServicer):  # type: ignore[misc]
     async def ListModels(
         self, request: pb.ListModelsRequest, context: aio.ServicerContext
     ) -> pb.ListModelsResponse:
+        engine = self.engine
         return pb.ListModelsResponse(
             models=[
                 pb.ModelInfo(
                     name=name,
-                    versions=self.catalog.versions(name),
-                    default_version=self.catalog.default_version(name),
+                    versions=engine.versions(name),
+                    default_version=engine.default_version(name),
                 )
-                for name in sorted(self.catalog.models)
+                for name in engine.models()
             ]
         )
 
     async def GetModelSignature(
         self, request: pb.GetModelSignatureRequest, context: aio.ServicerContext
     ) -> pb.ModelSignature:
-        loaded = self.catalog.get(request.model, request.version or None)
+        loaded = self.engine.loaded(request.model, request.version or None)
         sig = loaded.signature
         return pb.ModelSignature(
             model=loaded.name,
