@@ -1,7 +1,7 @@
 """gRPC load test: rnnserve against an echo ceiling, its unbatched self and a real Triton.
 
     .venv/bin/python loadtests/bench_grpc.py \\
-        [--peers echo unbatched memory redis redis-x2 triton] \\
+        [--peers echo unbatched memory memory-proc redis redis-x2 triton] \\
         [--modes step stream runseq kserve kserve-stream many] [--sessions 16 64 256 1024] \\
         [--model lstm256] [--duration 5] [--warmup 1.5] [--workers 2] [--update-docs]
 
@@ -41,7 +41,7 @@ from loadtests.harness.load import MODES, Job, Result, worker_main
 from loadtests.harness.peers import ROOT, Peer, build_peers
 from loadtests.harness.report import summarize, write_outputs
 
-PEERS = ("echo", "unbatched", "memory", "redis", "redis-x2", "triton")
+PEERS = ("echo", "unbatched", "memory", "memory-proc", "redis", "redis-x2", "triton")
 
 
 class Workers:

@@ -3,6 +3,7 @@
 - `echo`: `loadtests.harness.echo` (the transport ceiling; every mode);
 - `unbatched`: rnnserve, memory store, `--max-batch-size 1`;
 - `memory`: rnnserve, memory store (defaults: batches up to 256, 2 ms queue delay);
+- `memory-proc`: `memory` with `--compute-process true` (the model step in a child process);
 - `redis`: rnnserve, Redis store (a fresh namespace per run);
 - `redis-xN`: N rnnserve processes on one port (`--reuse-port`), one Redis namespace;
 - `triton`: tritonserver 2.51 from nvidia-pytriton 0.7.0 (`triton_peer/setup.sh`), KServe
@@ -205,6 +206,8 @@ def build_peers(
             peers.append(rnnserve(name, repository, *rnnserve_args, "--max-batch-size", "1"))
         elif name == "memory":
             peers.append(rnnserve(name, repository, *rnnserve_args))
+        elif name == "memory-proc":
+            peers.append(rnnserve(name, repository, *rnnserve_args, "--compute-process", "true"))
         elif name == "redis" or name.startswith("redis-x"):
             count = 1 if name == "redis" else int(name.removeprefix("redis-x"))
             peers.append(
