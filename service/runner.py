@@ -6,7 +6,7 @@ A step travels::
     per batch, in order) -> ModelRunner._handle(batch):
         _load     store.load_many(keys)           one round trip
         _judge    record views; replay / conflict / apply, per row
-        _compute  stacked states, the model step in the executor
+        _compute  stacked states, the model step (executor thread or compute process)
         _commit   new records, store.commit_many   one round trip, CAS per session
     -> each caller's future (a `StepResult` that points into the batch's outputs)
 
