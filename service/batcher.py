@@ -9,10 +9,7 @@ handler in a task of its own; at most `max_batches_in_flight` such tasks run at 
 With `idle_dispatch` (the default) the batcher does not wait when no batch is
 running: it takes what is queued and goes. Waiting for more only pays while the
 model is busy anyway; a lone session then gets unbatched latency, and under load
-batches still fill while the previous one computes. Even then it waits only while
-requests keep arriving: once `arrival_gap_s` passes without a new one, the batch
-goes (a many-session message queues all its rows at once; waiting the whole delay
-after it would only leave the model idle).
+batches still fill while the previous one computes.
 
 Requests carry a `key` (the session). A key has at most one request in flight, in
 any batch: a second request for a busy key waits in that key's line and becomes
@@ -129,7 +126,6 @@ class DynamicBatcher(Generic[P, R]):
         max_queue_size: int = 4096,
         max_batches_in_flight: int = 2,
         idle_dispatch: bool = True,
-        arrival_gap_s: float | None = None,
         on_batch: BatchHook | None = None,
         name: str = "batcher",
     ) -> None:
@@ -145,11 +141,6 @@ class DynamicBatcher(Generic[P, R]):
         self.max_queue_size = max_queue_size
         self.max_batches_in_flight = max_batches_in_flight
         self.idle_dispatch = idle_dispatch
-        # None: a quarter of the delay. A wait for more requests ends after this long
-        # without one.
-        self.arrival_gap_s = (
-            self.max_queue_delay_s / 4 if arrival_gap_s is None else max(0.0, arrival_gap_s)
-        )
         self.name = name
         self._on_batch = on_batch
         self.stats = BatcherStats()
