@@ -31,6 +31,11 @@ _Y = np.zeros(OUTPUTS, np.float32).tobytes()
 
 
 class EchoRecurrent(pb_grpc.RecurrentServicer):  # type: ignore[misc]
+    def __init__(self, *, suspend: bool = False) -> None:
+        # `suspend`: unary handlers await a future that a later loop iteration settles
+        # (as rnnserve's await their batch) instead of returning at once.
+        self.suspend = suspend
+
     async def StartSession(self, request: Any, context: Any) -> Any:
         return pb.StartSessionResponse(
             session=pb.SessionInfo(session_id=request.session_id, model=request.model)
@@ -48,6 +53,11 @@ class EchoRecurrent(pb_grpc.RecurrentServicer):  # type: ignore[misc]
         )
 
     async def Step(self, request: Any, context: Any) -> Any:
+        if self.suspend:
+            loop = asyncio.get_running_loop()
+            done = loop.create_future()
+            loop.call_soon(done.set_result, None)
+            await done
         return self._reply(request)
 
     async def StepStream(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
@@ -116,7 +126,7 @@ class EchoInference(kpb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
             yield kpb.ModelStreamInferResponse(infer_response=_infer_response(request))
 
 
-async def serve(host: str, port: int) -> None:
+async def serve(host: str, port: int, *, suspend: bool = False) -> None:
     server = aio.server(
         options=[
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
@@ -124,7 +134,7 @@ async def serve(host: str, port: int) -> None:
             ("grpc.so_reuseport", 0),
         ]
     )
-    pb_grpc.add_RecurrentServicer_to_server(EchoRecurrent(), server)  # type: ignore[no-untyped-call]
+    pb_grpc.add_RecurrentServicer_to_server(EchoRecurrent(suspend=suspend), server)  # type: ignore[no-untyped-call]
     kpb_grpc.add_GRPCInferenceServiceServicer_to_server(EchoInference(), server)  # type: ignore[no-untyped-call]
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
@@ -136,8 +146,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument(
+        "--suspend", action="store_true", help="unary Step awaits a future settled later"
+    )
     args = parser.parse_args()
-    asyncio.run(serve(args.host, args.port))
+    asyncio.run(serve(args.host, args.port, suspend=args.suspend))
 
 
 if __name__ == "__main__":
