@@ -37,9 +37,25 @@ def serve(ctx: typer.Context) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     settings = settings_from_args(list(ctx.args))  # before the heavy imports: fast --help
     from rnnserve.service.logs import configure_logging
-    from rnnserve.service.server import serve as run_server
+    from rnnserve.service.supervisor import (
+        ProcessesError,
+        Supervisor,
+        exit_with_supervisor,
+        process_count,
+    )
 
     configure_logging(settings.log_level, json_lines=settings.log_json)
+    exit_with_supervisor()
+    try:
+        processes = process_count(settings)
+    except ProcessesError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if processes > 1:  # the supervisor never imports the server (TensorFlow)
+        raise typer.Exit(Supervisor(settings, processes).run())
+
+    from rnnserve.service.server import serve as run_server
+
     asyncio.run(run_server(settings))
 
 

@@ -24,6 +24,8 @@ Several worker processes (`--reuse-port`) share one view when
 starts (prometheus_client's multiprocess mode: each process writes its samples to
 files there; any process's `/metrics` serves the sum). Gauges are per live process
 (`livesum` / `livemax`): a process removes its gauge files when it stops.
+`--processes N` sets this up by itself (`supervisor.py`: a private folder, one
+endpoint served by the supervisor, which removes a dead child's gauges).
 """
 
 from __future__ import annotations

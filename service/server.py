@@ -15,11 +15,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import math
 import os
 import signal
 from collections.abc import Sequence
-from pathlib import Path
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -38,7 +36,7 @@ from rnnserve.service.metrics import MULTIPROC_ENV, MetricsServer, start_metrics
 from rnnserve.service.repository import ModelRepository
 from rnnserve.service.servicers.kserve import InferenceServicer
 from rnnserve.service.servicers.native import RecurrentServicer
-from rnnserve.service.settings import Settings
+from rnnserve.service.settings import Settings, available_cpus
 from rnnserve.service.status import StatusInterceptor, TokenAuth
 from rnnserve.service.store import MemoryStore, RedisClusterStore, RedisStore, StateStore
 
@@ -50,19 +48,6 @@ HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 REFLECTION_SERVICE = reflection.SERVICE_NAME
 SERVICES = (NATIVE_SERVICE, KSERVE_SERVICE, HEALTH_SERVICE, REFLECTION_SERVICE)
 SERVER_NAME = "rnnserve"
-
-
-def available_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
-    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a
-    container's CPU limit, which the affinity mask does not show)."""
-    cpus = len(os.sched_getaffinity(0))
-    try:
-        quota, period = cpu_max.read_text().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):  # no cgroup v2 here, or a format we do not know
-        pass
-    return cpus
 
 
 def make_store(settings: Settings) -> StateStore:

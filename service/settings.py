@@ -6,6 +6,8 @@ import time. The README's configuration table lists these fields.
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +25,12 @@ class Settings(BaseSettings):
     port: int = Field(8001, ge=0, le=65535, description="gRPC port (0: pick a free one)")
     reuse_port: bool = Field(
         False, description="SO_REUSEPORT: several server processes share the port (Redis store)"
+    )
+    processes: int = Field(
+        1,
+        ge=0,
+        description="server processes on the port (N > 1: a supervisor starts N with "
+        "SO_REUSEPORT and serves one /metrics; needs the Redis store); 0: one per usable CPU",
     )
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="Prometheus /metrics HTTP port (unset: no endpoint)"
@@ -69,8 +77,8 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="CPU threads one model step may use (TensorFlow intra-op); 0: one less "
-        "than the CPUs this process may use (affinity and cgroup CPU limit), at least 1 "
-        "(the event loop keeps a core)",
+        "than the CPUs this process may use (affinity and cgroup CPU limit; with several "
+        "processes, its share of them), at least 1 (the event loop keeps a core)",
     )
 
     # -- state store -----------------------------------------------------------------
@@ -112,3 +120,16 @@ class Settings(BaseSettings):
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("mTLS (tls_client_ca_file) needs tls_cert_file and tls_key_file")
         return self
+
+
+def available_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a
+    container's CPU limit, which the affinity mask does not show)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 here, or a format we do not know
+        pass
+    return cpus

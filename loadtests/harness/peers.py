@@ -5,7 +5,8 @@
 - `memory`: rnnserve, memory store (defaults: batches up to 256, 2 ms queue delay);
 - `memory-proc`: `memory` with `--compute-process true` (the model step in a child process);
 - `redis`: rnnserve, Redis store (a fresh namespace per run);
-- `redis-xN`: N rnnserve processes on one port (`--reuse-port`), one Redis namespace;
+- `redis-xN`: `--processes N`: N rnnserve processes on one port (SO_REUSEPORT) under one
+  supervisor with one `/metrics`, one Redis namespace;
 - `triton`: tritonserver 2.51 from nvidia-pytriton 0.7.0 (`triton_peer/setup.sh`), KServe
   modes only, the `lstm256` model only.
 """
@@ -43,6 +44,7 @@ class Peer:
     name: str
     commands: list[list[str]]
     ready_pattern: str
+    ready_count: int = 1  # lines matching ready_pattern that mean ready (one per process)
     modes: tuple[str, ...] = MODES
     models: tuple[str, ...] | None = None  # None: every model
     # Most concurrent KServe streams it survives (None: no limit). tritonserver 2.51 from
@@ -51,7 +53,7 @@ class Peer:
     max_streams: int | None = None
     env: dict[str, str] = field(default_factory=dict)
     port: int = 0
-    metrics_port: int | None = None  # rnnserve's Prometheus endpoint (one process only)
+    metrics_port: int | None = None  # rnnserve's Prometheus endpoint (all its processes)
     processes: list[subprocess.Popen[str]] = field(default_factory=list)
     tails: list[deque[str]] = field(default_factory=list)
 
@@ -79,7 +81,9 @@ class Peer:
             self.tails.append(tail)
             seen = threading.Event()
             threading.Thread(
-                target=_pump, args=(process, tail, self.ready_pattern, seen), daemon=True
+                target=_pump,
+                args=(process, tail, self.ready_pattern, self.ready_count, seen),
+                daemon=True,
             ).start()
             deadline = time.monotonic() + timeout_s
             while not seen.wait(0.2):
@@ -133,14 +137,21 @@ class Peer:
 
 
 def _pump(
-    process: subprocess.Popen[str], tail: deque[str], pattern: str, seen: threading.Event
+    process: subprocess.Popen[str],
+    tail: deque[str],
+    pattern: str,
+    count: int,
+    seen: threading.Event,
 ) -> None:
     assert process.stdout is not None
+    matched = 0
     with process.stdout:
         for line in process.stdout:
             tail.append(line)
             if not seen.is_set() and re.search(pattern, line):
-                seen.set()
+                matched += 1
+                if matched >= count:
+                    seen.set()
 
 
 def rnnserve(
@@ -165,16 +176,14 @@ def rnnserve(
         "WARNING",
         *extra,
     ]
-    metrics_port = None
-    if processes > 1:
-        base += ["--reuse-port", "true"]
-    else:
-        metrics_port = free_port()
-        base += ["--metrics-port", str(metrics_port)]
+    # processes > 1: one supervisor, N servers on the port, one /metrics for all of them.
+    metrics_port = free_port()
+    base += ["--metrics-port", str(metrics_port), "--processes", str(processes)]
     return Peer(
         name=name,
-        commands=[base] * processes,
+        commands=[base],
         ready_pattern=r"rnnserve listening on port",
+        ready_count=processes,
         port=port,
         metrics_port=metrics_port,
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rnnserve.service.server import available_cpus
+from rnnserve.service.settings import available_cpus
 
 AFFINITY = len(os.sched_getaffinity(0))
 
