@@ -1,6 +1,8 @@
 """The servers a benchmark run measures, each started as subprocesses and stopped after its points.
 
 - `echo`: `loadtests.harness.echo` (the transport ceiling; every mode);
+- `echo-suspend`: `echo` whose unary `Step` awaits a future settled on the next loop
+  iteration before it answers (what gRPC charges for a handler that suspends);
 - `unbatched`: rnnserve, memory store, `--max-batch-size 1`;
 - `memory`: rnnserve, memory store (defaults: batches up to 256, 2 ms queue delay);
 - `memory-proc`: `memory` with `--compute-process true` (the model step in a child process);
@@ -199,13 +201,21 @@ def build_peers(
     peers = []
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     for name in names:
-        if name == "echo":
+        if name in ("echo", "echo-suspend"):
             port = free_port()
+            flags = ["--suspend"] if name == "echo-suspend" else []
             peers.append(
                 Peer(
-                    name="echo",
+                    name=name,
                     commands=[
-                        [sys.executable, "-m", "loadtests.harness.echo", "--port", str(port)]
+                        [
+                            sys.executable,
+                            "-m",
+                            "loadtests.harness.echo",
+                            "--port",
+                            str(port),
+                            *flags,
+                        ]
                     ],
                     ready_pattern=r"echo listening on port",
                     port=port,
