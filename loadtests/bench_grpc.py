@@ -87,9 +87,12 @@ class Workers:
         window into DIR/<label>.txt (collapsed stacks, one per thread, idle included)."""
         if self.profile_dir is None or not peer.pids():
             return None
+        target = peer.pids()[0]
+        if peer.ready_count > 1:  # `--processes N`: profile the first server, not the supervisor
+            target = min(_children(target), default=target)
         out = self.profile_dir / (label.replace(" ", "-") + ".txt")
         command = [
-            str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(peer.pids()[0]),
+            str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(target),
             "--duration", str(max(1, round(duration_s))), "--rate", "250", "--format", "raw",
             "--threads", "--idle", "--nonblocking", "--output", str(out),
             *(["--gil"] if self.profile_gil else []),
@@ -196,6 +199,20 @@ def _split(total: int, parts: int) -> list[tuple[int, int]]:
         n = base + (1 if i < extra else 0)
         out.append((n, first))
         first += n
+    return out
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of `pid` (Linux /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except OSError:
+                continue
     return out
 
 
