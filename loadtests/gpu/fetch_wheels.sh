@@ -26,5 +26,5 @@ if [ -n "$core" ]; then
     --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "pydantic-core==${core}"
 fi
-python3 -m pip wheel -q --no-deps --no-build-isolation -w .whl .  # rnnserve (pure Python)
+python3 -m pip wheel -q --no-deps -w .whl .  # rnnserve (pure Python; its own build env: PEP 639 license)
 du -sh .whl && ls .whl
