@@ -55,7 +55,16 @@ def serve(ctx: typer.Context) -> None:
     `RNNSERVE_*` environment variable; flags win.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    settings = settings_from_args(list(ctx.args))  # before the heavy imports: fast --help
+    from pydantic import ValidationError
+
+    try:
+        settings = settings_from_args(list(ctx.args))  # before the heavy imports: fast --help
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        typer.echo(f"error: invalid setting(s): {problems}", err=True)
+        raise typer.Exit(2) from None
     from rnnserve.service.logs import configure_logging
     from rnnserve.service.supervisor import (
         ProcessesError,
@@ -74,9 +83,14 @@ def serve(ctx: typer.Context) -> None:
     if processes > 1:  # the supervisor never imports the server (TensorFlow)
         raise typer.Exit(Supervisor(settings, processes).run())
 
+    from rnnserve.service.server import StartupError
     from rnnserve.service.server import serve as run_server
 
-    asyncio.run(run_server(settings))
+    try:
+        asyncio.run(run_server(settings))
+    except StartupError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 def settings_from_args(args: list[str]) -> Any:

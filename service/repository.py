@@ -155,8 +155,12 @@ class ModelRepository:
                     continue
                 try:
                     seconds = await self._load(name, version, folder)
-                except Exception:
-                    logger.exception("could not load model %s version %s", name, version)
+                except Exception as exc:  # one line; the traceback at DEBUG
+                    logger.error(
+                        "could not load model %s version %s: %s: %s",
+                        name, version, type(exc).__name__, exc,
+                    )  # fmt: skip
+                    logger.debug("the load of %s/%s failed", name, version, exc_info=True)
                     continue
                 changes.append(f"loaded {name}/{version} in {seconds:.1f}s")
             return changes

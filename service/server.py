@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -32,6 +33,7 @@ from rnnserve.service._generated.inference import grpc_service_pb2_grpc as kserv
 from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
 from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 from rnnserve.service.engine import SessionEngine
+from rnnserve.service.errors import RnnserveError
 from rnnserve.service.metrics import MULTIPROC_ENV, MetricsServer, start_metrics_server
 from rnnserve.service.repository import ModelRepository
 from rnnserve.service.servicers.kserve import InferenceServicer
@@ -83,12 +85,28 @@ def _reflection_pool(files: Sequence[FileDescriptor]) -> descriptor_pool.Descrip
     return pool
 
 
+class StartupError(Exception):
+    """The server cannot start, said in one line for the operator: `rnnserve serve` prints
+    it as `error: ...` and exits 1, without a traceback."""
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise StartupError(f"cannot read the {what} {path}: {exc.strerror or exc}") from exc
+
+
 def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         return None
-    key = settings.tls_key_file.read_bytes()
-    cert = settings.tls_cert_file.read_bytes()
-    client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    key = _read(settings.tls_key_file, "TLS key file")
+    cert = _read(settings.tls_cert_file, "TLS certificate file")
+    client_ca = (
+        _read(settings.tls_client_ca_file, "TLS client CA file")
+        if settings.tls_client_ca_file
+        else None
+    )
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
@@ -109,6 +127,7 @@ class RnnserveServer:
         self._stopped = asyncio.Event()
         self._stopping: asyncio.Task[None] | None = None
         self._ready = False
+        self._started = False  # start() completed: stop() then drains and says so
         self._interceptor: StatusInterceptor | None = None
         self.metrics: MetricsServer | None = None
 
@@ -119,7 +138,10 @@ class RnnserveServer:
     async def start(self) -> int:
         """Bind, load and warm the models, then report SERVING. Returns the bound port."""
         settings = self.settings
-        auth = TokenAuth.from_settings(settings.auth_tokens_file, settings.auth_tokens)
+        try:
+            auth = TokenAuth.from_settings(settings.auth_tokens_file, settings.auth_tokens)
+        except (RnnserveError, OSError) as exc:
+            raise StartupError(f"auth tokens: {exc}") from exc
         if settings.metrics_port is not None and self.metrics is None:
             # Up before the models load: a scrape during warm-up sees the process.
             self.metrics = start_metrics_server(
@@ -161,11 +183,17 @@ class RnnserveServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{settings.host}:{settings.port}"
         credentials = _server_credentials(settings)
-        port = (
-            server.add_secure_port(address, credentials)
-            if credentials is not None
-            else server.add_insecure_port(address)
-        )
+        try:
+            port = (
+                server.add_secure_port(address, credentials)
+                if credentials is not None
+                else server.add_insecure_port(address)
+            )
+        except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+            raise StartupError(
+                f"cannot listen on {address}: the port is in use or the address is not "
+                "this machine's"
+            ) from exc
         await server.start()
         self._server = server
         self.port = int(port)
@@ -178,8 +206,22 @@ class RnnserveServer:
             logger.info("model steps use up to %d CPU thread(s)", threads)
         else:
             logger.info("compute_threads=%d not applied (runtime already started)", threads)
-        for line in await self.repository.sync():
+        try:
+            changes = await self.repository.sync()
+        except RnnserveError as exc:  # e.g. the repository folder does not exist
+            raise StartupError(str(exc)) from exc
+        for line in changes:
             logger.info("repository: %s", line)
+        if not self.engine.models():
+            found = self.repository.scan()
+            raise StartupError(
+                f"no model loaded from {settings.model_repository}: "
+                + (
+                    f"all {len(found)} model version(s) failed to load (the log above says why)"
+                    if found
+                    else "it holds no <name>/<version>/model.keras"
+                )
+            )
         if settings.repository_poll_s > 0:
             self._poller = asyncio.ensure_future(self.repository.poll(settings.repository_poll_s))
         # The loaded TensorFlow/Keras heap is large and lives as long as the process:
@@ -191,6 +233,7 @@ class RnnserveServer:
             self._interceptor.start_serving()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._ready = True
+        self._started = True
         logger.info("serving %d model(s)", len(self.engine.models()))
         return self.port
 
@@ -212,7 +255,8 @@ class RnnserveServer:
         grace = self.settings.grace_period_s if grace_s is None else grace_s
         deadline = asyncio.get_running_loop().time() + grace
         self._ready = False
-        logger.info("draining (grace %.1fs)", grace)
+        if self._started:
+            logger.info("draining (grace %.1fs)", grace)
         # Refuse new calls (UNAVAILABLE) before a health watcher can see NOT_SERVING.
         if self._interceptor is not None:
             self._interceptor.start_draining()
@@ -230,7 +274,8 @@ class RnnserveServer:
         if self.metrics is not None:
             self.metrics.close()
         self._stopped.set()
-        logger.info("stopped")
+        if self._started:
+            logger.info("stopped")
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -240,7 +285,10 @@ class RnnserveServer:
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then drain."""
-    server = RnnserveServer(settings)
+    try:
+        server = RnnserveServer(settings)
+    except (RnnserveError, ValueError) as exc:  # e.g. a Redis URL that is not one
+        raise StartupError(str(exc)) from exc
     server.install_signal_handlers()
     try:
         await server.start()
