@@ -6,8 +6,9 @@
     await server.stop()              # NOT_SERVING, finish in-flight calls and batches
 
 Health (`grpc.health.v1`) reports NOT_SERVING until every model of the repository
-is loaded and warmed, and again from the moment a drain starts, so Kubernetes
-stops routing before the server stops accepting.
+is loaded and warmed and the state store answers, again whenever no model is loaded
+or the store stops answering (checked every `health_check_s`), and from the moment a
+drain starts, so Kubernetes stops routing before the server stops accepting.
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ class RnnserveServer:
         self._stopping: asyncio.Task[None] | None = None
         self._ready = False
         self._started = False  # start() completed: stop() then drains and says so
+        self._health_task: asyncio.Task[None] | None = None
         self._interceptor: StatusInterceptor | None = None
         self.metrics: MetricsServer | None = None
 
@@ -222,6 +224,7 @@ class RnnserveServer:
                     else "it holds no <name>/<version>/model.keras"
                 )
             )
+        await self._wait_for_store()
         if settings.repository_poll_s > 0:
             self._poller = asyncio.ensure_future(self.repository.poll(settings.repository_poll_s))
         # The loaded TensorFlow/Keras heap is large and lives as long as the process:
@@ -234,8 +237,58 @@ class RnnserveServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._ready = True
         self._started = True
+        self._health_task = asyncio.ensure_future(self._watch_health())
         logger.info("serving %d model(s)", len(self.engine.models()))
         return self.port
+
+    async def _store_error(self) -> str | None:
+        """Why the state store does not answer now, or None when it does."""
+        try:
+            async with asyncio.timeout(max(1.0, self.settings.health_check_s)):
+                await self.store.ping()
+        except (RnnserveError, TimeoutError, OSError) as exc:
+            return str(exc) or type(exc).__name__
+        return None
+
+    async def _wait_for_store(self) -> None:
+        """At start: a store that is still starting is waited for (NOT_SERVING, a log line)."""
+        error = await self._store_error()
+        if error is None:
+            return
+        every = self.settings.health_check_s
+        logger.warning(
+            "the state store does not answer (%s): NOT_SERVING, retrying every %.1fs", error, every
+        )
+        while error is not None and self._stopping is None:
+            await asyncio.sleep(every)
+            error = await self._store_error()
+        if self._stopping is not None:
+            raise StartupError("stopped while waiting for the state store to answer")
+        logger.info("the state store answers")
+
+    async def _watch_health(self) -> None:
+        """SERVING only while a model is loaded and the store answers (until a drain)."""
+        serving = True
+        while True:
+            await asyncio.sleep(self.settings.health_check_s)
+            error = await self._store_error()
+            models = self.engine.models()
+            if self._stopping is not None or self._stopped.is_set():
+                return
+            now = error is None and bool(models)
+            if now == serving:
+                continue
+            serving = self._ready = now
+            if now:
+                logger.info("SERVING again: %d model(s), the state store answers", len(models))
+            else:
+                why = "no model is loaded" if not models else f"the state store: {error}"
+                logger.warning("NOT_SERVING: %s", why)
+            await self._set_health(
+                health_pb2.HealthCheckResponse.SERVING
+                if now
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
 
     def is_ready(self) -> bool:
         return self._ready and not self._stopped.is_set() and self._stopping is None
@@ -255,6 +308,8 @@ class RnnserveServer:
         grace = self.settings.grace_period_s if grace_s is None else grace_s
         deadline = asyncio.get_running_loop().time() + grace
         self._ready = False
+        if self._health_task is not None:
+            self._health_task.cancel()
         if self._started:
             logger.info("draining (grace %.1fs)", grace)
         # Refuse new calls (UNAVAILABLE) before a health watcher can see NOT_SERVING.

@@ -81,6 +81,13 @@ class Settings(BaseSettings):
         "processes, its share of them), at least 1 (the event loop keeps a core)",
     )
 
+    health_check_s: float = Field(
+        2.0,
+        gt=0,
+        description="how often health is re-checked: SERVING only while a model is loaded "
+        "and the state store answers (a store that does not answer at start is waited for)",
+    )
+
     # -- state store -----------------------------------------------------------------
     redis_url: str | None = Field(
         None, description="redis://host:port/db; unset: the embedded memory store"

@@ -62,6 +62,10 @@ class StateStore(Protocol):
     """Session records by key. Every method raises `StoreUnavailable` when the backend
     cannot be reached; a failed `commit_many` has applied all of its commits or none."""
 
+    async def ping(self) -> None:
+        """Return once the store answers (raises `StoreUnavailable` when it does not)."""
+        ...
+
     async def load_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """The records under `keys` (None where absent), in one round trip."""
         ...

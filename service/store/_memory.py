@@ -47,6 +47,9 @@ class MemoryStore:
         for key in [k for k, (_, expiry) in self._data.items() if expiry <= now]:
             del self._data[key]
 
+    async def ping(self) -> None:
+        return None  # in this process: it always answers
+
     async def load_many(self, keys: Sequence[str]) -> list[bytes | None]:
         now = self._clock()
         return [self._live(key, now) for key in keys]
