@@ -6,9 +6,10 @@
     await server.stop()              # NOT_SERVING, finish in-flight calls and batches
 
 Health (`grpc.health.v1`) reports NOT_SERVING until every model of the repository
-is loaded and warmed and the state store answers, again whenever no model is loaded
-or the store stops answering (checked every `health_check_s`), and from the moment a
-drain starts, so Kubernetes stops routing before the server stops accepting.
+is loaded and warmed and the state store answers, and from the moment a drain starts,
+so Kubernetes stops routing before the server stops accepting. The served services
+(not "", which liveness reads) are NOT_SERVING too whenever no model is loaded or the
+store stops answering (checked every `health_check_s`).
 """
 
 from __future__ import annotations
@@ -133,8 +134,14 @@ class RnnserveServer:
         self._interceptor: StatusInterceptor | None = None
         self.metrics: MetricsServer | None = None
 
-    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
-        for name in ("", NATIVE_SERVICE, KSERVE_SERVICE):
+    async def _set_health(
+        self, status: health_pb2.HealthCheckResponse.ServingStatus, *, overall: bool = True
+    ) -> None:
+        """`overall=False`: the served services only, not "" (the process as a whole, which
+        liveness probes read: a Redis outage must make pods unready, not restart them)."""
+        for name in (
+            ("", NATIVE_SERVICE, KSERVE_SERVICE) if overall else (NATIVE_SERVICE, KSERVE_SERVICE)
+        ):
             await self.health.set(name, status)
 
     async def start(self) -> int:
@@ -287,7 +294,8 @@ class RnnserveServer:
             await self._set_health(
                 health_pb2.HealthCheckResponse.SERVING
                 if now
-                else health_pb2.HealthCheckResponse.NOT_SERVING
+                else health_pb2.HealthCheckResponse.NOT_SERVING,
+                overall=False,
             )
 
     def is_ready(self) -> bool:

@@ -1,6 +1,7 @@
 """Health is SERVING only while a model is loaded and the state store answers: a store that
 goes away (and comes back), every model removed from the repository (and put back), and
-a store that does not answer yet at start (waited for, NOT_SERVING meanwhile)."""
+a store that does not answer yet at start (waited for, NOT_SERVING meanwhile). The served
+services go NOT_SERVING (readiness); "" (liveness) stays SERVING while the process runs."""
 
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def status(address: str) -> int:
+def status(address: str, service: str = "rnnserve.v1.Recurrent") -> int:
+    """What readiness reads (the served service); `service=""`: what liveness reads."""
     with grpc.insecure_channel(address) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=""), timeout=10
+            health_pb2.HealthCheckRequest(service=service), timeout=10
         )
         return int(reply.status)
 
@@ -52,6 +54,8 @@ def test_not_serving_while_the_store_is_down(tmp_path: Path) -> None:
             assert status(server.address) == SERVING
             redis_server.kill()
             until(lambda: status(server.address) == NOT_SERVING)
+            assert status(server.address, "inference.GRPCInferenceService") == NOT_SERVING
+            assert status(server.address, "") == SERVING  # alive: unready, not restarted
             redis_server.start()  # the same port
             until(lambda: status(server.address) == SERVING)
     finally:
