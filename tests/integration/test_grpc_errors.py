@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from tests.integration._grpc_util import (
     tensor,
     xs,
 )
+from tests.integration._redis_server import RedisServer
 from tests.servers import FEATURES, ServerThread, unique
 
 X = xs(1, 1, seed=0)[0, 0]
@@ -262,18 +262,17 @@ def test_invalid_argument_for_a_sequence_over_max_sequence_length(
 
 
 # -- UNAVAILABLE -------------------------------------------------------------------------
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def test_unavailable_when_the_store_is_down(lstm_repo: Path) -> None:
-    url = f"redis://127.0.0.1:{_closed_port()}/0"
+def test_unavailable_when_the_store_is_down(lstm_repo: Path, tmp_path: Path) -> None:
+    # The store answers at start (a store that does not is waited for: test_health.py),
+    # then goes away.
+    redis_server = RedisServer(tmp_path)
+    redis_server.start()
     settings = Settings(
-        model_repository=lstm_repo, port=0, host="127.0.0.1", warmup=False, redis_url=url
-    )
+        model_repository=lstm_repo, port=0, host="127.0.0.1", warmup=False,
+        redis_url=redis_server.url,
+    )  # fmt: skip
     with ServerThread(settings) as running:
+        redis_server.kill()
         channel, stub = native_stub(running.address)
         with channel:
             error = rpc_error(
