@@ -231,19 +231,10 @@ class DynamicBatcher(Generic[P, R]):
                 f"{self.max_queue_size}); retry later"
             )
         self.start()
-        assert self._wakeup is not None
         loop = asyncio.get_running_loop()
         request: Request[P, R] = Request(key, payload, loop.create_future(), time.perf_counter())
         self._queued += 1
-        if key in self._active:
-            line = self._waiting.get(key)
-            if line is None:
-                line = self._waiting[key] = deque()
-            line.append(request)
-        else:
-            self._active.add(key)
-            self._ready.append(request)
-            self._wakeup.set()
+        self._enqueue(request)
         return request.future
 
     def submit_many(
@@ -261,26 +252,30 @@ class DynamicBatcher(Generic[P, R]):
                 f"(max_queue_size {self.max_queue_size}); retry later"
             )
         self.start()
-        assert self._wakeup is not None
         create_future = asyncio.get_running_loop().create_future
         group = Group(create_future(), len(items))
         now = time.perf_counter()
-        active, ready, waiting = self._active, self._ready, self._waiting
         futures: list[asyncio.Future[R]] = []
         for key, payload in items:
             request: Request[P, R] = Request(key, payload, create_future(), now, 0, group)
             futures.append(request.future)
-            if key in active:
-                line = waiting.get(key)
-                if line is None:
-                    line = waiting[key] = deque()
-                line.append(request)
-            else:
-                active.add(key)
-                ready.append(request)
+            self._enqueue(request)
         self._queued += len(items)
-        self._wakeup.set()
         return futures, group
+
+    def _enqueue(self, request: Request[P, R]) -> None:
+        """Behind its key's request in flight, or ready (and the loop woken)."""
+        key = request.key
+        if key in self._active:
+            line = self._waiting.get(key)
+            if line is None:
+                line = self._waiting[key] = deque()
+            line.append(request)
+        else:
+            self._active.add(key)
+            self._ready.append(request)
+            assert self._wakeup is not None
+            self._wakeup.set()
 
     async def call(self, key: Hashable, payload: P) -> R:
         """Submit and wait. Cancelling the caller drops the request if not yet batched."""

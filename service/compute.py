@@ -88,12 +88,23 @@ def _views(
     ]
 
 
+def _step_slot(step: Any, buf: Any, base: int, groups: list[Any], n: int) -> None:
+    """In the child: the step on the arrays of one slot, its results written in place.
+    The views over the shared block end with this call (the block cannot close while
+    one lives)."""
+    inputs, constants, states, outputs, new_states = (
+        _views(buf, base, group, n) for group in groups
+    )
+    got_outputs, got_states = step(inputs, constants, states)
+    for target, value in zip((*outputs, *new_states), (*got_outputs, *got_states), strict=True):
+        target[...] = value
+
+
 def _child_main(
     conn: Connection,
     shm_name: str,
     path: str,
     max_batch_size: int,
-    slots: int,
     warmup: bool,
     threads: int,
 ) -> None:
@@ -119,18 +130,9 @@ def _child_main(
                 slot, n = _CALL.unpack(conn.recv_bytes())
             except EOFError:
                 return
-            base = slot * size
             started = time.perf_counter()
             try:
-                inputs, constants, states, outputs, new_states = (
-                    _views(shm.buf, base, group, n) for group in groups
-                )
-                got_outputs, got_states = step(inputs, constants, states)
-                for target, value in zip(
-                    (*outputs, *new_states), (*got_outputs, *got_states), strict=True
-                ):
-                    target[...] = value
-                del inputs, constants, states, outputs, new_states
+                _step_slot(step, shm.buf, slot * size, groups, n)
                 conn.send_bytes(_DONE.pack(slot, time.perf_counter() - started))
             except Exception as exc:  # the parent fails this batch and goes on
                 message = f"{type(exc).__name__}: {exc}".encode()[:4000]
@@ -163,7 +165,6 @@ class ComputeProcess:
         name: str = "model",
     ) -> None:
         self.path = path
-        self.signature = signature
         self.max_batch_size = max_batch_size
         self.slots = max(1, slots)
         self.warmup = warmup
@@ -211,7 +212,6 @@ class ComputeProcess:
             "shm": self._shm.name,
             "path": str(self.path),
             "max_batch_size": self.max_batch_size,
-            "slots": self.slots,
             "warmup": self.warmup,
             "threads": self.threads,
         }
@@ -343,7 +343,6 @@ def main() -> None:
         config["shm"],
         config["path"],
         config["max_batch_size"],
-        config["slots"],
         config["warmup"],
         config["threads"],
     )

@@ -499,11 +499,6 @@ class RecordCodec:
         """The stored last outputs of `views`, batch-first (replies of retried steps)."""
         return self._stack(0, [v.outputs for v in views])
 
-    def unstack_outputs(self, rows: Sequence[bytes | memoryview]) -> list[list[np.ndarray]]:
-        """Per-session output tensors (one sample each) from output byte rows."""
-        stacked = self._stack(0, rows)
-        return [[a[i] for a in stacked] for i in range(len(rows))]
-
     def _rows(self, g: int, arrays: Sequence[np.ndarray], n: int) -> list[bytes]:
         fields = self._fields[g]
         if not fields:

@@ -150,14 +150,18 @@ def markdown(meta: dict[str, Any], points: list[dict[str, Any]], img_prefix: str
     return "\n".join(lines) + "\n"
 
 
+def _usable(p: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The point, if it measured steps on a peer that did not crash."""
+    return p if p and p["steps_per_s"] > 0 and not p.get("peer_crashed") else None
+
+
 def target_ratios(points: list[dict[str, Any]]) -> list[tuple[str, float]]:
     index = _index(points)
     out: list[tuple[str, float]] = []
 
     def rate(peer: str, mode: str, s: int) -> float | None:
-        p = index.get((peer, mode, s))
-        ok = p and p["steps_per_s"] > 0 and not p.get("peer_crashed")
-        return p["steps_per_s"] if ok else None
+        p = _usable(index.get((peer, mode, s)))
+        return p["steps_per_s"] if p else None
 
     def add(name: str, a: float | None, b: float | None) -> None:
         if a is not None and b is not None:
@@ -185,12 +189,12 @@ def target_ratios(points: list[dict[str, Any]]) -> list[tuple[str, float]]:
                     rate(peer, mode, s),
                     rate("triton", mode, s),
                 )
-    best_triton = max(
-        (r for s in (256,) for m in ("kserve",) if (r := rate("triton", m, s)) is not None),
-        default=None,
-    )
     for peer in ("memory", *redis_peers):
-        add(f"{peer} many / triton kserve, 256 sessions", rate(peer, "many", 256), best_triton)
+        add(
+            f"{peer} many / triton kserve, 256 sessions",
+            rate(peer, "many", 256),
+            rate("triton", "kserve", 256),
+        )
         add(
             f"{peer} many / echo many, 256 sessions",
             rate(peer, "many", 256),
@@ -206,12 +210,8 @@ def targets(points: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     """Issue 11's targets from one run: (target, measured, met: yes / no / not measured)."""
     index = _index(points)
 
-    def ok(p: dict[str, Any] | None) -> dict[str, Any] | None:
-        good = p and p["steps"] > 0 and not p.get("peer_crashed")
-        return p if good else None
-
     def get(peer: str, mode: str, s: int) -> dict[str, Any] | None:
-        return ok(index.get((peer, mode, s)))
+        return _usable(index.get((peer, mode, s)))
 
     def verdict(flags: list[bool]) -> str:
         if not flags:
@@ -280,7 +280,7 @@ def targets(points: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     # 5. p99 at half of the peak load (memory store, each mode it served).
     cells, flags = [], []
     for mode in ("stream", "many"):
-        rows = [p for p in points if p["peer"] == "memory" and p["mode"] == mode and ok(p)]
+        rows = [p for p in points if p["peer"] == "memory" and p["mode"] == mode and _usable(p)]
         if len(rows) < 2:
             continue
         peak = max(p["steps_per_s"] for p in rows)

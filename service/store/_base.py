@@ -24,10 +24,7 @@ def session_key(namespace: str, model: str, session_id: str) -> str:
         raise InvalidArgument(f"namespace {namespace!r} must match [A-Za-z0-9_.-]{{1,128}}")
     if not _NAME.match(model):
         raise InvalidArgument(f"model name {model!r} must match [A-Za-z0-9_.-]{{1,128}}")
-    if not session_id or len(session_id) > MAX_SESSION_ID_LENGTH:
-        raise InvalidArgument(
-            f"session id must be 1 to {MAX_SESSION_ID_LENGTH} characters, got {len(session_id)}"
-        )
+    check_session_id(session_id)
     return f"{KEY_PREFIX}:{namespace}:{model}:{session_id}"
 
 

@@ -203,9 +203,7 @@ def test_codec_batch_path_agrees_with_decode(batch: list[SessionRecord], float16
             float16,
         )
         np.testing.assert_array_equal(again.states[0], states[0][k])
-        np.testing.assert_array_equal(
-            c.unstack_outputs([view.outputs])[0][0], decoded[k].last_outputs[0]
-        )
+        np.testing.assert_array_equal(c.stack_outputs([view])[0][0], decoded[k].last_outputs[0])
 
 
 def test_codec_refuses_other_versions_and_shapes() -> None:
