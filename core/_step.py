@@ -9,6 +9,8 @@ be warmed at load), and the padding is sliced off the results.
 
 from __future__ import annotations
 
+import itertools
+import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -21,6 +23,8 @@ from rnnserve.core._graph import as_list
 from rnnserve.core._signature import StepSignature, TensorSpec, make_signature
 
 CompiledStep = Callable[[list[np.ndarray]], list[np.ndarray]]
+
+logger = logging.getLogger(__name__)
 
 
 def step_signature(model: RecurrentModel) -> StepSignature:
@@ -79,7 +83,7 @@ def _compiler(
             def run_tf(values: list[np.ndarray]) -> list[np.ndarray]:
                 return [t.numpy() for t in concrete(*[to_tensor(v) for v in values])]
 
-            return run_tf
+            return _direct_tf_call(concrete, specs, bucket, run_tf) or run_tf
 
         return compile_tf
     if backend == "jax":
@@ -103,6 +107,69 @@ def _compiler(
         return [keras.ops.convert_to_numpy(o) for o in as_list(step_model(values, training=False))]
 
     return lambda bucket: run_eager
+
+
+class _DirectTFCall:
+    """A concrete function's graph executed as one op: see `_direct_tf_call`."""
+
+    __name__ = "direct_tf_call"
+
+    def __init__(self, concrete: Any, specs: Sequence[TensorSpec]) -> None:
+        from tensorflow.python.eager import context, execute
+        from tensorflow.python.framework import dtypes, ops
+
+        # The atomic function is held on purpose: the runtime drops a function's
+        # registration when its Python object is collected.
+        self._atomic = concrete._inference_function
+        self._name = self._atomic.name.decode("utf-8")
+        self._num_outputs = len(self._atomic.function_type.flat_outputs)
+        self._captured = list(concrete.captured_inputs)
+        self._ctx = context.context()
+        options = self._ctx.function_call_options.as_attrs()
+        self._attrs = tuple(itertools.chain(*options.items()))
+        self._dtypes = [dtypes.as_dtype(s.dtype).as_datatype_enum for s in specs]
+        self._eager_tensor = ops.EagerTensor
+        self._execute = execute.quick_execute
+
+    def __call__(self, values: list[np.ndarray]) -> list[np.ndarray]:
+        device = self._ctx.device_name  # thread-local, as tf.convert_to_tensor reads it
+        tensor = self._eager_tensor
+        args = [tensor(v, device, d) for v, d in zip(values, self._dtypes, strict=True)]
+        args += self._captured
+        outputs = self._execute(self._name, self._num_outputs, args, self._attrs, self._ctx)
+        return [t.numpy() for t in outputs]
+
+
+def _direct_tf_call(
+    concrete: Any, specs: Sequence[TensorSpec], bucket: int, public: CompiledStep
+) -> CompiledStep | None:
+    """The step without `ConcreteFunction.__call__`, or None where that is not possible.
+
+    Even a concrete function's `__call__` runs ~150 µs of Python per call under the GIL
+    (structured-signature binding, argument conversion through the dispatch registry,
+    control-dependency and tape contexts): at the batch sizes of unary serving that is
+    more than the step itself, and the event loop waits for that GIL. None of it applies
+    to a serving step (flat inputs of known dtypes, eager, no tape, no cancellation), so
+    the call goes straight to the op that runs the function, as `AtomicFunction.call_flat`
+    does at its end. That uses TensorFlow internals: if any is missing, or the result on
+    zeros differs from the public call's, the public call is kept.
+    """
+    probe = [np.zeros((bucket, *s.shape), dtype=s.dtype) for s in specs]
+    try:
+        expected = public(probe)  # first: the public call registers the function
+        direct = _DirectTFCall(concrete, specs)
+        got = direct(probe)
+    except Exception:  # anything at all (another TensorFlow): keep the public call
+        logger.debug("the direct TensorFlow call is not available here", exc_info=True)
+        return None
+    same = len(got) == len(expected) and all(
+        g.shape == e.shape and g.dtype == e.dtype and np.array_equal(g, e, equal_nan=True)
+        for g, e in zip(got, expected, strict=False)
+    )
+    if not same:
+        logger.debug("the direct TensorFlow call differs from the public one: not used")
+        return None
+    return direct
 
 
 def set_compute_threads(threads: int) -> bool:

@@ -107,6 +107,31 @@ def test_bad_arguments_are_named() -> None:
     assert set(outputs) == {"y"} and set(states) == {"h", "c"}
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's call path")
+def test_the_direct_tensorflow_call_equals_the_public_one_and_is_used() -> None:
+    """The step skips `ConcreteFunction.__call__` (see `_direct_tf_call`); on this
+    TensorFlow it must be taken, and agree with the public call on real data."""
+    import tensorflow as tf
+
+    step = StepFunction(lstm_with_constant(), max_batch_size=8)
+    step.warmup()
+    rng = np.random.default_rng(3)
+    for bucket in (1, 2, 8):
+        compiled = step._compiled[bucket]
+        assert compiled.__name__ == "direct_tf_call", "TensorFlow moved: see _direct_tf_call"
+        values = [
+            rng.normal(size=(bucket, *spec.shape)).astype(spec.dtype) for spec in step._arg_specs
+        ]
+        public = tf.function(
+            lambda *v: step.model.step_model(list(v), training=False), autograph=False
+        )
+        expected = [np.asarray(t) for t in public(*values)]
+        got = compiled(values)
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected, strict=True):
+            np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
 def test_keras_model_is_converted_on_the_way_in() -> None:
     model = keras.Sequential([keras.Input((None, 3)), L.GRU(4, return_sequences=True, name="gru")])
     step = StepFunction(model)
