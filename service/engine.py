@@ -284,6 +284,10 @@ class SessionEngine:
             return
         self._default_version[name] = self._pinned.get(name) or max(versions, key=version_key)
 
+    def serves(self, name: str) -> bool:
+        """Whether a version of model `name` is loaded (cheap: once per call)."""
+        return name in self._runners
+
     def models(self) -> list[str]:
         """The names of the loaded models, sorted."""
         return sorted(self._runners)

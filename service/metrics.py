@@ -4,7 +4,13 @@ Names start with `rnnserve_` and carry their unit; labels are only `model`,
 `version`, `method` (the full gRPC method, a fixed set) and `code` (a gRPC status
 name): never session or request ids. The hot path never looks a label up: a
 `ModelRunner` binds its children once (`RunnerMetrics`), the interceptor once per
-method (`MethodMetrics`).
+method, model and code (`MethodMetrics`).
+
+The call metrics' `model` is bounded: the model a call's first request names when it
+is loaded, `_unknown` (`UNKNOWN_MODEL`) for any other name, empty for calls that name
+none (health, ListModels, reflection). `rnnserve_models_loaded` has a series with
+empty labels at 0 from the process's start (`process_started`), so "no model loaded"
+is a 0, not a missing series.
 
 What the session metrics mean (the store expires idle records silently, so no
 process sees an expiry happen):
@@ -44,18 +50,22 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 __all__ = [
     "METRICS",
     "MULTIPROC_ENV",
+    "UNKNOWN_MODEL",
     "MethodMetrics",
     "MetricsServer",
     "RunnerMetrics",
     "metric_names",
     "model_loaded",
     "model_unloaded",
+    "process_started",
     "request_metrics",
     "session_ended",
     "start_metrics_server",
 ]
 
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+# The call metrics' `model` for a name no loaded model has: the label stays bounded.
+UNKNOWN_MODEL: Final = "_unknown"
 
 # Latency buckets (seconds): a step is milliseconds; a stream call can last minutes.
 _LATENCY_BUCKETS = (
@@ -84,14 +94,14 @@ _MODEL = ("model", "version")
 # -- gRPC calls (StatusInterceptor) -------------------------------------------------------
 REQUESTS = Counter(
     "rnnserve_requests_total",
-    "gRPC calls finished, by full method and status code (a stream is one call)",
-    ("method", "code"),
+    "gRPC calls finished, by full method, model and status code (a stream is one call)",
+    ("method", "model", "code"),
 )
 REQUEST_DURATION = Histogram(
     "rnnserve_request_duration_seconds",
     "gRPC call duration, from the handler's start to its last reply, by status code "
     "(refusals such as RESOURCE_EXHAUSTED apart from served calls)",
-    ("method", "code"),
+    ("method", "model", "code"),
     buckets=_LATENCY_BUCKETS,
 )
 
@@ -182,9 +192,15 @@ MODEL_LOAD_DURATION = Histogram(
     _MODEL,
     buckets=_LOAD_BUCKETS,
 )
+MODEL_LAST_LOAD_DURATION = Gauge(
+    "rnnserve_model_last_load_duration_seconds",
+    "how long the last load and warm-up of the model version took",
+    _MODEL,
+    multiprocess_mode="livemax",
+)
 MODELS_LOADED = Gauge(
     "rnnserve_models_loaded",
-    "1 while the model version is loaded and served",
+    "1 while the model version is loaded and served (empty labels: 0 from the start)",
     _MODEL,
     multiprocess_mode="livemax",
 )
@@ -209,6 +225,7 @@ METRICS: Final = (
     SESSIONS_ENDED,
     SESSIONS_EXPIRED,
     MODEL_LOAD_DURATION,
+    MODEL_LAST_LOAD_DURATION,
     MODELS_LOADED,
 )
 
@@ -277,17 +294,18 @@ class RunnerMetrics:
 
 @dataclass(slots=True)
 class MethodMetrics:
-    """One gRPC method's children: a counter and a duration per status code."""
+    """One gRPC method's children: a counter and a duration per model and status code."""
 
     method: str
-    codes: dict[str, tuple[Counter, Histogram]]
+    children: dict[tuple[str, str], tuple[Counter, Histogram]]
 
-    def finished(self, code: str, seconds: float) -> None:
-        children = self.codes.get(code)
+    def finished(self, model: str, code: str, seconds: float) -> None:
+        """`model`: a loaded model's name, `UNKNOWN_MODEL` or "" (the caller bounds it)."""
+        children = self.children.get((model, code))
         if children is None:
-            children = self.codes[code] = (
-                REQUESTS.labels(self.method, code),
-                REQUEST_DURATION.labels(self.method, code),
+            children = self.children[model, code] = (
+                REQUESTS.labels(self.method, model, code),
+                REQUEST_DURATION.labels(self.method, model, code),
             )
         children[0].inc()
         children[1].observe(seconds)
@@ -308,8 +326,15 @@ def request_metrics(method: str) -> MethodMetrics:
     return metrics
 
 
+def process_started() -> None:
+    """`rnnserve_models_loaded` at 0 before any model loads (no model or version label):
+    a pod that loads none shows a 0 (alert RnnserveNoModelLoaded), not no series."""
+    MODELS_LOADED.labels("", "").set(0)
+
+
 def model_loaded(model: str, version: str, load_seconds: float) -> None:
     MODEL_LOAD_DURATION.labels(model, version).observe(load_seconds)
+    MODEL_LAST_LOAD_DURATION.labels(model, version).set(load_seconds)
     MODELS_LOADED.labels(model, version).set(1)
 
 

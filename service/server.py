@@ -36,11 +36,16 @@ from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
 from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 from rnnserve.service.engine import SessionEngine
 from rnnserve.service.errors import RnnserveError
-from rnnserve.service.metrics import MULTIPROC_ENV, MetricsServer, start_metrics_server
+from rnnserve.service.metrics import (
+    MULTIPROC_ENV,
+    MetricsServer,
+    process_started,
+    start_metrics_server,
+)
 from rnnserve.service.repository import ModelRepository
 from rnnserve.service.servicers.kserve import InferenceServicer
 from rnnserve.service.servicers.native import RecurrentServicer
-from rnnserve.service.settings import Settings, available_cpus
+from rnnserve.service.settings import Settings, auto_compute_threads, available_cpus
 from rnnserve.service.status import StatusInterceptor, TokenAuth
 from rnnserve.service.store import MemoryStore, RedisClusterStore, RedisStore, StateStore
 
@@ -160,8 +165,9 @@ class RnnserveServer:
                 multiprocess_dir=os.environ.get(MULTIPROC_ENV) or None,
             )
             logger.info("metrics on http://%s:%d/metrics", settings.host, self.metrics.port)
+        process_started()  # rnnserve_models_loaded at 0 until a model loads
         limit = settings.max_message_bytes
-        self._interceptor = StatusInterceptor(auth, settings.namespace)
+        self._interceptor = StatusInterceptor(auth, settings.namespace, loaded=self.engine.serves)
         server = aio.server(
             interceptors=[self._interceptor],
             options=[
@@ -209,7 +215,7 @@ class RnnserveServer:
         logger.info(
             "listening on %s:%d (%s)", settings.host, port, "TLS" if credentials else "plaintext"
         )
-        threads = settings.compute_threads or max(1, available_cpus() - 1)
+        threads = settings.compute_threads or auto_compute_threads(available_cpus())
         self.repository.compute_threads = threads
         if set_compute_threads(threads):
             logger.info("model steps use up to %d CPU thread(s)", threads)

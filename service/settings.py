@@ -129,6 +129,12 @@ class Settings(BaseSettings):
         return self
 
 
+def auto_compute_threads(cpus: int, processes: int = 1) -> int:
+    """`compute_threads=0`: one less than a process's share of `cpus` (its event loop
+    keeps a core), at least 1. `cpus` is `available_cpus()`: in a pod, its CPU limit."""
+    return max(1, cpus // processes - 1)
+
+
 def available_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a
     container's CPU limit, which the affinity mask does not show)."""

@@ -4,7 +4,9 @@
 its code and message (notes included), anything else is logged with its
 traceback and answered INTERNAL with a generic message. It also authenticates
 the caller (`TokenAuth`) and sets the per-call context (`namespace`,
-`request_id`) that servicers and logs read.
+`request_id`) that servicers and logs read, and counts every call in the call
+metrics, by method, model (the one its first request names, bounded to the loaded
+ones: `model_label`) and status code.
 
 It also carries the first phase of a drain: after `start_draining()` every new
 call (health excepted) is answered UNAVAILABLE by us, and `wait_idle()` waits for
@@ -20,6 +22,7 @@ import contextvars
 import inspect
 import itertools
 import logging
+import operator
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -36,7 +39,7 @@ from rnnserve.service.errors import (
     Unauthenticated,
     Unavailable,
 )
-from rnnserve.service.metrics import MethodMetrics, request_metrics
+from rnnserve.service.metrics import UNKNOWN_MODEL, MethodMetrics, request_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,44 @@ STARTUP_METHODS = (
     "/inference.GRPCInferenceService/ModelReady",
     "/inference.GRPCInferenceService/ServerMetadata",
 )
+
+
+# KServe's model requests name the model in `name`; its infer requests in `model_name`.
+_NAME_IS_MODEL = frozenset(
+    f"inference.Model{kind}Request" for kind in ("Ready", "Metadata", "Config")
+)
+_model_getters: dict[type, Callable[[Any], str]] = {}
+
+
+def _model_getter(cls: type) -> Callable[[Any], str]:
+    descriptor = getattr(cls, "DESCRIPTOR", None)
+    fields = getattr(descriptor, "fields_by_name", None) or {}
+    for name in ("model", "model_name"):
+        if name in fields and fields[name].type == fields[name].TYPE_STRING:
+            return operator.attrgetter(name)
+    if "name" in fields and getattr(descriptor, "full_name", "") in _NAME_IS_MODEL:
+        return operator.attrgetter("name")
+    session = getattr(fields.get("session"), "message_type", None)
+    if session is not None and "model" in session.fields_by_name:  # SessionRef: Reset...
+        return operator.attrgetter("session.model")
+    return lambda message: ""
+
+
+def model_named(message: Any) -> str:
+    """The model a request message names, "" if it names none (health, ListModels)."""
+    cls = type(message)
+    getter = _model_getters.get(cls)
+    if getter is None:
+        getter = _model_getters[cls] = _model_getter(cls)
+    return getter(message)
+
+
+def model_label(name: str, loaded: Callable[[str], bool] | None) -> str:
+    """The call metrics' `model`: a loaded model's name, else `UNKNOWN_MODEL` (any name
+    a client sends must not become a series); "" for a call that names none."""
+    if not name:
+        return ""
+    return name if loaded is not None and loaded(name) else UNKNOWN_MODEL
 
 
 def status_code(exc: RnnserveError) -> grpc.StatusCode:
@@ -138,11 +179,21 @@ def _request_id(metadata: Any) -> str:
 
 
 class StatusInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
-    """Authenticates, sets the call context, and maps errors to status codes."""
+    """Authenticates, sets the call context, and maps errors to status codes.
 
-    def __init__(self, auth: TokenAuth | None, default_namespace: str) -> None:
+    `loaded(name)`: whether a model of that name is loaded now (the call metrics'
+    `model` label keeps only those)."""
+
+    def __init__(
+        self,
+        auth: TokenAuth | None,
+        default_namespace: str,
+        *,
+        loaded: Callable[[str], bool] | None = None,
+    ) -> None:
         self._auth = auth
         self._default_namespace = default_namespace
+        self._loaded = loaded
         self._serving = False
         self._draining = False
         self._calls = _CallCounter()
@@ -201,6 +252,7 @@ class StatusInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
             failure,
             calls,
             request_metrics(details.method),
+            self._loaded,
         )
 
 
@@ -233,17 +285,22 @@ class _Undecodable:
         self.error = error
 
 
-def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+def _tolerant(
+    deserializer: Callable[[bytes], Any] | None, decoded: Callable[[Any], None]
+) -> Callable[[bytes], Any] | None:
     """gRPC answers a request it cannot deserialize UNKNOWN (INTERNAL inside a stream,
-    with a logged traceback); the bytes are the client's fault: INVALID_ARGUMENT."""
+    with a logged traceback); the bytes are the client's fault: INVALID_ARGUMENT.
+    `decoded` sees every request that did decode."""
     if deserializer is None:
         return None
 
     def deserialize(data: bytes) -> Any:
         try:
-            return deserializer(data)
+            request = deserializer(data)
         except Exception as exc:  # protobuf's DecodeError and friends
             return _Undecodable(exc)
+        decoded(request)
+        return request
 
     return deserialize
 
@@ -278,9 +335,18 @@ def _wrap(
     failure: RnnserveError | None,
     calls: _CallCounter | None,
     metrics: MethodMetrics | None = None,
+    loaded: Callable[[str], bool] | None = None,
 ) -> grpc.RpcMethodHandler:
     started = 0.0
     counted = False
+    model: str | None = None  # named by the call's first request
+
+    def decoded(request: Any) -> None:
+        nonlocal model
+        if model is None:
+            model = model_named(request)
+
+    deserialize = _tolerant(handler.request_deserializer, decoded)
 
     def enter() -> None:
         nonlocal started
@@ -296,7 +362,7 @@ def _wrap(
         if metrics is not None and not counted:
             counted = True
             seconds = time.perf_counter() - started
-            metrics.finished(code, seconds)
+            metrics.finished(model_label(model or "", loaded), code, seconds)
             logger.debug("%s %s %.1fms", metrics.method, code, seconds * 1000)
 
     def leave(context: aio.ServicerContext) -> None:
@@ -334,7 +400,7 @@ def _wrap(
         )
         return factory(
             unary_response,
-            request_deserializer=_tolerant(handler.request_deserializer),
+            request_deserializer=deserialize,
             response_serializer=handler.response_serializer,
         )
 
@@ -379,6 +445,6 @@ def _wrap(
     )
     return factory(
         stream_response if inspect.isasyncgenfunction(behavior) else stream_written,
-        request_deserializer=_tolerant(handler.request_deserializer),
+        request_deserializer=deserialize,
         response_serializer=handler.response_serializer,
     )

@@ -39,7 +39,7 @@ from types import FrameType
 from prometheus_client.multiprocess import mark_process_dead
 
 from rnnserve.service.metrics import MULTIPROC_ENV, MetricsServer, start_metrics_server
-from rnnserve.service.settings import Settings, available_cpus
+from rnnserve.service.settings import Settings, auto_compute_threads, available_cpus
 
 __all__ = [
     "RESTART_LIMIT",
@@ -177,7 +177,7 @@ class Supervisor:
         settings = self.settings
         threads = settings.compute_threads
         if threads == 0:  # one less than this process's share of the CPUs
-            threads = max(1, available_cpus() // self.processes - 1)
+            threads = auto_compute_threads(available_cpus(), self.processes)
         return settings.model_copy(
             update={
                 "port": self.port,

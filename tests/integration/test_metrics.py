@@ -11,8 +11,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shutil
 import socket
 import threading
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -91,6 +93,12 @@ def test_every_exposed_metric_is_declared_in_metrics_py(metered) -> None:
     samples = scrape(port)
     assert value(samples, "rnnserve_models_loaded", **LSTM) == 1
     assert value(samples, "rnnserve_model_load_duration_seconds_count", **LSTM) >= 1
+    # the last load's duration is a gauge (the dashboard's "last load time")
+    last = value(samples, "rnnserve_model_last_load_duration_seconds", **LSTM)
+    assert 0 < last <= value(samples, "rnnserve_model_load_duration_seconds_sum", **LSTM)
+    # 0 from the start, without model labels (Prometheus drops empty ones): a pod with
+    # no model has a series whose max is 0 (alert RnnserveNoModelLoaded)
+    assert samples[("rnnserve_models_loaded", frozenset({"model": "", "version": ""}.items()))] == 0
     capacity = Settings.model_fields["max_queue_size"].default  # config.yaml leaves it
     assert value(samples, "rnnserve_queue_capacity_steps", **LSTM) == capacity
 
@@ -113,9 +121,20 @@ def test_steps_move_request_step_batch_and_duration_metrics(metered) -> None:
         stub.EndSession(pb.SessionRef(model="lstm", session_id=sid))
     delta = Delta(before, scrape(port))
 
-    assert delta("rnnserve_requests_total", method=method("Step"), code="OK") == n
-    assert delta("rnnserve_request_duration_seconds_count", method=method("Step"), code="OK") == n
-    assert delta("rnnserve_requests_total", method=method("StartSession"), code="OK") == 16
+    assert delta("rnnserve_requests_total", method=method("Step"), model="lstm", code="OK") == n
+    assert (
+        delta(
+            "rnnserve_request_duration_seconds_count",
+            method=method("Step"),
+            model="lstm",
+            code="OK",
+        )
+        == n
+    )
+    assert (
+        delta("rnnserve_requests_total", method=method("StartSession"), model="lstm", code="OK")
+        == 16
+    )
     assert delta("rnnserve_steps_total", **LSTM) == n
     assert delta("rnnserve_sessions_started_total", **LSTM) == 16
     assert delta("rnnserve_sessions_ended_total", model="lstm") == 3
@@ -152,10 +171,78 @@ def test_replays_conflicts_and_missing_sessions_are_counted(metered) -> None:
     assert delta("rnnserve_sessions_expired_total", **LSTM) == 1
     assert delta("rnnserve_steps_total", **LSTM) == 1
     step = method("Step")
-    assert delta("rnnserve_requests_total", method=step, code="OK") == 2
-    assert delta("rnnserve_requests_total", method=step, code=code_of(SeqConflict)) == 1
-    assert delta("rnnserve_requests_total", method=step, code=code_of(SessionNotFound)) == 1
+    assert delta("rnnserve_requests_total", method=step, model="lstm", code="OK") == 2
+    assert (
+        delta("rnnserve_requests_total", method=step, model="lstm", code=code_of(SeqConflict)) == 1
+    )
+    assert (
+        delta("rnnserve_requests_total", method=step, model="lstm", code=code_of(SessionNotFound))
+        == 1
+    )
     assert delta("rnnserve_batch_size_steps_sum", **LSTM) == 4
+
+
+def test_call_metrics_name_the_model_bounded_to_the_loaded_ones(metered) -> None:
+    _, stub, port = metered
+    sid = f"n-{uuid.uuid4().hex[:10]}"
+    stub.StartSession(pb.StartSessionRequest(model="lstm", session_id=sid))
+    before = scrape(port)
+    for name in ("nope-1", "nope-2"):  # any name a client sends: one `_unknown` series
+        error = rpc_error(stub.GetModelSignature, pb.GetModelSignatureRequest(model=name))
+        assert error.code() == grpc.StatusCode.NOT_FOUND
+    stub.ListModels(pb.ListModelsRequest())  # names no model
+    stub.GetSession(pb.SessionRef(model="lstm", session_id=sid))
+    stub.ResetSession(pb.ResetSessionRequest(session=pb.SessionRef(model="lstm", session_id=sid)))
+    steps = [pb.StepRequest(model="lstm", session_id=sid, inputs=[x(t)]) for t in range(3)]
+    assert len(list(stub.StepStream(iter(steps)))) == 3  # one call
+    after = scrape(port)
+    delta = Delta(before, after)
+
+    total = "rnnserve_requests_total"
+    signature = method("GetModelSignature")
+    assert delta(total, method=signature, model="_unknown", code="NOT_FOUND") == 2
+    assert delta(total, method=method("ListModels"), model="", code="OK") == 1
+    assert delta(total, method=method("GetSession"), model="lstm", code="OK") == 1
+    assert delta(total, method=method("ResetSession"), model="lstm", code="OK") == 1
+    assert delta(total, method=method("StepStream"), model="lstm", code="OK") == 1
+    assert delta("rnnserve_request_duration_seconds_count", method=method("StepStream"),
+                 model="lstm", code="OK") == 1  # fmt: skip
+    models = {dict(labels).get("model") for name, labels in after if name == total}
+    assert models <= {"", "_unknown", "lstm", "ctx"}, models
+
+
+def test_a_process_whose_every_version_is_removed_reports_no_model_loaded(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """The limit RnnserveNoModelLoaded works with (docs/deployment.md): a server that
+    loads nothing at start exits, one whose versions are all removed later stays up with
+    every `rnnserve_models_loaded` series at 0. A process of its own, as a pod is."""
+    repo = tmp_path / "models"
+    shutil.copytree(model_repo, repo)
+    metrics_port = _free_port()
+    process, _ = spawn_server(
+        repo, "--metrics-port", str(metrics_port), "--repository-poll-s", "0.2",
+        env={"RNNSERVE_WARMUP": "false"},
+    )  # fmt: skip
+
+    def loaded() -> dict[frozenset[tuple[str, str]], float]:
+        return {k: v for (n, k), v in scrape(metrics_port).items() if n == "rnnserve_models_loaded"}
+
+    try:
+        assert max(loaded().values()) == 1
+        for model in ("lstm", "ctx"):
+            shutil.rmtree(repo / model)
+        deadline = time.monotonic() + 30
+        while max(loaded().values()) != 0:
+            assert time.monotonic() < deadline, loaded()
+            time.sleep(0.1)
+        assert process.poll() is None  # still up: only the alert can tell
+        series = loaded()
+        assert frozenset({"model": "", "version": ""}.items()) in series
+        assert series[frozenset(LSTM.items())] == 0
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
 
 
 def test_store_errors_with_a_dead_redis(model_repo: Path, redis_server: RedisServer) -> None:
@@ -184,7 +271,13 @@ def test_store_errors_with_a_dead_redis(model_repo: Path, redis_server: RedisSer
     assert delta("rnnserve_store_errors_total", **LSTM) == 1
     assert delta("rnnserve_steps_total", **LSTM) == 0
     assert (
-        delta("rnnserve_requests_total", method=method("Step"), code=code_of(StoreUnavailable)) == 1
+        delta(
+            "rnnserve_requests_total",
+            method=method("Step"),
+            model="lstm",
+            code=code_of(StoreUnavailable),
+        )
+        == 1
     )
 
 
@@ -258,7 +351,9 @@ def test_two_processes_share_one_metrics_port_in_multiprocess_mode(
             assert value(samples, "rnnserve_steps_total", **LSTM) == sum(counts)
             assert value(samples, "rnnserve_sessions_started_total", **LSTM) == 2
             assert value(samples, "rnnserve_models_loaded", **LSTM) == 1  # livemax
-            step_ok = value(samples, "rnnserve_requests_total", method=method("Step"), code="OK")
+            step_ok = value(
+                samples, "rnnserve_requests_total", method=method("Step"), model="lstm", code="OK"
+            )
             assert step_ok == sum(counts)
     finally:
         for process, _ in spawned:

@@ -282,7 +282,10 @@ def test_one_metrics_endpoint_sums_both_processes(supervised: Supervised) -> Non
         after = supervised.metrics()
     finally:
         _close_all(by_pid)
-    requests = ("rnnserve_requests_total", frozenset({"method": STEP, "code": "OK"}.items()))
+    requests = (
+        "rnnserve_requests_total",
+        frozenset({"method": STEP, "model": "lstm", "code": "OK"}.items()),
+    )
     steps = ("rnnserve_steps_total", frozenset({"model": "lstm", "version": "1"}.items()))
     assert after.get(requests, 0) - before.get(requests, 0) == sum(counts.values())
     assert after.get(steps, 0) - before.get(steps, 0) == sum(counts.values())
