@@ -1,14 +1,17 @@
-"""`deploy/` matches the code: every kustomize overlay, rendered here, validates against
-the Kubernetes schemas (kubernetes-validate, offline), and its ports, probes, settings,
-volumes, selectors, metric names and gRPC method names are the ones the server uses
-(read from the code, not copied). The Dockerfiles' install line and entrypoint are run
-the way the image runs them.
+"""`deploy/` matches the code: the base, every kustomize overlay and every component
+(on the base), rendered here, validate against the Kubernetes schemas
+(kubernetes-validate, offline), and their ports, probes, settings, volumes, selectors,
+metric names, gRPC method names and compute threads are the ones the server uses (read
+from the code, not copied). The Dockerfiles' install line and entrypoint are run the
+way the image runs them.
 
 The renderer is the subset of kustomize these manifests use: `resources` (files and
-folders), `patches` by file (strategic merge: maps merge, `null` deletes a key, lists of
-named items merge by `name`, other lists are replaced; `$patch: delete` removes a
-resource) and `images` (new tag or name). Where `kubectl` is on the PATH, its bundled
-kustomize renders every overlay too, and must give the same resources.
+folders), `components` (folders of `kind: Component`: their resources join, their
+patches apply to all accumulated so far), `patches` by file (strategic merge: maps
+merge, `null` deletes a key, lists of named items merge by `name` (the patch's first, in its order, as
+kustomize orders them), other lists are replaced; `$patch: delete` removes a resource) and `images` (new tag or name). Where
+`kubectl` is on the PATH, its bundled kustomize renders every target too, and must give
+the same resources.
 """
 
 from __future__ import annotations
@@ -29,14 +32,19 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from rnnserve.service.metrics import metric_names
+from rnnserve.service.metrics import METRICS, metric_names
 from rnnserve.service.server import HEALTH_SERVICE, KSERVE_SERVICE, NATIVE_SERVICE, SERVICES
-from rnnserve.service.settings import Settings
+from rnnserve.service.settings import Settings, auto_compute_threads, available_cpus
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 KUBE = DEPLOY / "kubernetes"
 OVERLAYS = sorted(p.name for p in (KUBE / "overlays").iterdir() if p.is_dir())
+COMPONENTS = sorted(p.name for p in (KUBE / "components").iterdir() if p.is_dir())
+# What is rendered and checked: the base, each overlay, each component on the base.
+TARGETS = ["base", *OVERLAYS, *(f"base+{c}" for c in COMPONENTS)]
+# What opts into the add-ons (CRDs of the Prometheus Operator, a custom metrics API).
+WITH_COMPONENT = {c: {"prometheus-operator", f"base+{c}"} for c in COMPONENTS}
 # The oldest Kubernetes the manifests promise (native gRPC probes are GA in 1.27) and
 # the newest schemas kubernetes-validate ships.
 KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
@@ -70,13 +78,14 @@ def _merge(base: Any, patch: Any) -> Any:
         and isinstance(patch, list)
         and all(isinstance(item, dict) and "name" in item for item in [*base, *patch])
     ):
+        # kustomize's order: the patch's items (merged) in its order, then the others
         by_name = {item["name"]: item for item in base}
-        for item in patch:
-            if item["name"] in by_name:
-                _merge(by_name[item["name"]], item)
-            else:
-                base.append(copy.deepcopy(item))
-        return base
+        merged = [
+            _merge(by_name[item["name"]], item) if item["name"] in by_name else copy.deepcopy(item)
+            for item in patch
+        ]
+        named = {item["name"] for item in patch}
+        return merged + [item for item in base if item["name"] not in named]
     return copy.deepcopy(patch)
 
 
@@ -86,14 +95,26 @@ def _pod_containers(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield from spec.get("containers", [])
 
 
-def render(folder: Path) -> list[dict[str, Any]]:
-    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
-    unknown = set(kustomization) - {"apiVersion", "kind", "resources", "patches", "images"}
+def render(
+    folder: Path,
+    kustomization: dict[str, Any] | None = None,
+    accumulated: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """`folder`'s kustomization (or `kustomization`, as if it were in `folder`); a
+    Component works on the resources `accumulated` by the kustomization using it."""
+    if kustomization is None:
+        kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    known = {"apiVersion", "kind", "resources", "components", "patches", "images"}
+    unknown = set(kustomization) - known
     assert not unknown, f"{folder}: the test's renderer does not know {unknown}"
-    docs: list[dict[str, Any]] = []
+    component = kustomization["kind"] == "Component"
+    assert component == (accumulated is not None), f"{folder}: {kustomization['kind']}"
+    docs: list[dict[str, Any]] = accumulated if accumulated is not None else []
     for resource in kustomization.get("resources", []):
         path = folder / resource
         docs += render(path) if path.is_dir() else _load_all(path)
+    for path in kustomization.get("components", []):
+        docs = render(folder / path, accumulated=docs)
     for entry in kustomization.get("patches", []):
         assert set(entry) == {"path"}, entry
         for patch in _load_all(folder / entry["path"]):
@@ -114,9 +135,30 @@ def render(folder: Path) -> list[dict[str, Any]]:
     return docs
 
 
-@pytest.fixture(scope="module", params=OVERLAYS)
+def target_kustomization(name: str) -> tuple[Path, dict[str, Any] | None]:
+    """Where target `name` is rendered from: a folder, or (a component on the base) a
+    kustomization as if it were in deploy/kubernetes."""
+    if name == "base":
+        return KUBE / "base", None
+    if name in OVERLAYS:
+        return KUBE / "overlays" / name, None
+    component = name.removeprefix("base+")
+    return KUBE, {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": ["base"],
+        "components": [f"components/{component}"],
+    }
+
+
+def render_target(name: str) -> list[dict[str, Any]]:
+    return render(*target_kustomization(name))
+
+
+@pytest.fixture(scope="module", params=TARGETS)
 def overlay(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
-    return request.param, render(KUBE / "overlays" / request.param)
+    """(target name, its resources) for each of TARGETS."""
+    return request.param, render_target(request.param)
 
 
 def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -153,22 +195,45 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 
 # -- schemas ------------------------------------------------------------------------------
-def test_every_overlay_is_listed() -> None:
-    assert set(OVERLAYS) >= {"cpu", "gpu", "dev"}
+def test_every_overlay_and_component_is_listed() -> None:
+    assert set(OVERLAYS) >= {"cpu", "gpu", "dev", "external-redis", "prometheus-operator"}
+    assert set(COMPONENTS) == {"monitoring", "alerts", "autoscaling-custom-metrics"}
+    opted = yaml.safe_load((KUBE / "overlays/prometheus-operator/kustomization.yaml").read_text())
+    assert sorted(opted["components"]) == [f"../../components/{c}" for c in COMPONENTS]
+    for component in COMPONENTS:
+        kustomization = yaml.safe_load(
+            (KUBE / "components" / component / "kustomization.yaml").read_text()
+        )
+        assert kustomization["kind"] == "Component"
+        assert kustomization["apiVersion"] == "kustomize.config.k8s.io/v1alpha1"
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="no kubectl on the PATH")
-@pytest.mark.parametrize("name", OVERLAYS)
-def test_real_kustomize_renders_every_overlay_as_the_subset_does(name: str) -> None:
+@pytest.mark.parametrize("name", TARGETS)
+def test_real_kustomize_renders_every_target_as_the_subset_does(name: str, tmp_path: Path) -> None:
     # kubectl 1.32 bundles kustomize v5.5, which panics on a patch file holding several
     # `$patch: delete` documents: the Python subset alone could not catch that.
-    folder = KUBE / "overlays" / name
+    folder, kustomization = target_kustomization(name)
+    if kustomization is not None:  # kustomize takes relative paths only
+        written = {
+            **kustomization,
+            "resources": [
+                os.path.relpath(folder / r, tmp_path) for r in kustomization["resources"]
+            ],
+            "components": [
+                os.path.relpath(folder / c, tmp_path) for c in kustomization["components"]
+            ],
+        }
+        (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(written))
     done = subprocess.run(
-        ["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=120
+        ["kubectl", "kustomize", str(folder if kustomization is None else tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     real = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
-    ours = render(folder)
+    ours = render_target(name)
     assert sorted(map(_key, real)) == sorted(map(_key, ours))
     for doc in real:  # the same content, not only the same names
         assert _normalized(doc) == _normalized(one(ours, *_key(doc))), _key(doc)
@@ -190,8 +255,46 @@ def test_every_resource_validates_against_the_kubernetes_schemas(overlay, versio
         kubernetes_validate.validate(doc, version, strict=True)
 
 
-def test_monitoring_resources(overlay) -> None:
-    _, docs = overlay
+def test_the_add_ons_only_where_opted_into(overlay) -> None:
+    """Without a component, nothing needs a CRD or a custom metrics API: the base and
+    the plain overlays apply on any cluster (the HPA scales on CPU, metrics-server)."""
+    name, docs = overlay
+    kinds = {doc["kind"] for doc in docs}
+    assert ("ServiceMonitor" in kinds) == (name in WITH_COMPONENT["monitoring"])
+    assert ("PrometheusRule" in kinds) == (name in WITH_COMPONENT["alerts"])
+    hpa = find(docs, "HorizontalPodAutoscaler", "rnnserve")
+    types = {m["type"] for m in hpa["spec"]["metrics"]} if hpa is not None else set()
+    if name in WITH_COMPONENT["autoscaling-custom-metrics"]:
+        assert types == {"Resource", "Pods"}
+    elif hpa is not None:
+        assert types == {"Resource"}
+    crds = {kind for kinds_ in CRDS.values() for kind in kinds_}
+    if not any(name in opted for opted in WITH_COMPONENT.values()):
+        assert not kinds & crds
+
+
+def test_no_secret_is_shipped(overlay) -> None:
+    """`apply -k` must never overwrite the operator's tokens (or TLS keys) with a
+    placeholder: the Secrets are created by hand, as docs/deployment.md says."""
+    name, docs = overlay
+    assert not [doc for doc in docs if doc["kind"] == "Secret"]
+    volumes = {
+        v["name"]: v
+        for v in one(docs, "Deployment", "rnnserve")["spec"]["template"]["spec"]["volumes"]
+    }
+    assert volumes["auth"]["secret"]["secretName"] == "rnnserve-auth"
+    # the pods wait for the tokens, except in dev, which runs without auth
+    assert volumes["auth"]["secret"].get("optional", False) == (name == "dev")
+    assert volumes["tls"]["secret"] == {"secretName": "rnnserve-tls", "optional": True}
+    docs_text = (ROOT / "docs" / "deployment.md").read_text()
+    assert (
+        "kubectl -n rnnserve create secret generic rnnserve-auth --from-file=tokens=" in docs_text
+    )
+    assert "kubectl -n rnnserve create secret tls rnnserve-tls" in docs_text
+
+
+def test_monitoring_resources() -> None:
+    docs = render_target("prometheus-operator")
     names = metric_names()
     monitor = one(docs, "ServiceMonitor", "rnnserve")
     service = one(docs, "Service", "rnnserve")
@@ -326,7 +429,7 @@ def test_selectors_hpa_pdb_and_network_policies(overlay, monkeypatch) -> None:
         custom = [
             m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"
         ]
-        assert custom and set(custom) <= set(metric_names())
+        assert set(custom) <= set(metric_names())
     else:
         assert name == "dev"
     pdb = find(docs, "PodDisruptionBudget", "rnnserve")
@@ -351,6 +454,60 @@ def test_selectors_hpa_pdb_and_network_policies(overlay, monkeypatch) -> None:
     assert one(docs, "Service", redis["spec"]["serviceName"])["spec"]["clusterIP"] == "None"
     config = one(docs, "ConfigMap", "rnnserve-redis")["data"]["redis.conf"]
     assert "appendonly yes" in config and "maxmemory-policy noeviction" in config
+
+
+def _millicpus(quantity: str) -> int:
+    return int(quantity[:-1]) if quantity.endswith("m") else int(float(quantity) * 1000)
+
+
+def _bytes(quantity: str) -> int:
+    """Kubernetes (`4Gi`, `512Mi`) or Redis (`2gb`, `256mb`: also powers of 1024)."""
+    number, unit = re.fullmatch(r"(\d+)([A-Za-z]*)", quantity).groups()  # type: ignore[union-attr]
+    scale = {"": 1, "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "kb": 1 << 10, "mb": 1 << 20,
+             "gb": 1 << 30}  # fmt: skip
+    return int(number) * scale[unit.lower()]
+
+
+def _documented_threads() -> dict[str, tuple[str, int]]:
+    """docs/deployment.md's table: manifests -> (CPU limit, compute threads)."""
+    text = (ROOT / "docs" / "deployment.md").read_text()
+    rows = re.findall(r"^ *\| `(?:overlays/)?([a-z-]+)` \| `([0-9.m]+)` \| (\d+) \|", text, re.M)
+    return {name: (cpu, int(threads)) for name, cpu, threads in rows}
+
+
+def test_cpu_limit_equals_request_and_compute_threads_are_the_documented_ones(
+    overlay, monkeypatch, tmp_path
+) -> None:
+    """RNNSERVE_COMPUTE_THREADS=0 reads the pod's CPU limit from the cgroup: with no limit
+    it would be the node's cores - 1. The kubelet writes the limit as cpu.max (quota per
+    100 ms period); the server's own functions turn it into threads on a 64-core node."""
+    name, docs = overlay
+    container = server_container(docs)
+    resources = container["resources"]
+    assert resources["limits"]["cpu"] == resources["requests"]["cpu"], name
+    settings = settings_of(docs, monkeypatch)
+    assert settings.compute_threads == 0 and settings.processes == 1
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text(f"{_millicpus(resources['limits']['cpu']) * 100} 100000\n")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    threads = auto_compute_threads(available_cpus(cpu_max))
+    documented = _documented_threads()
+    key = "base" if name.startswith("base") else name
+    assert documented[key] == (resources["limits"]["cpu"], threads), name
+    assert threads == (1 if key in ("base", "dev") else 3)
+
+
+def test_redis_maxmemory_is_half_its_memory_limit(overlay) -> None:
+    """The AOF rewrite forks: copy-on-write can double Redis's footprint while it runs."""
+    name, docs = overlay
+    redis = find(docs, "StatefulSet", "rnnserve-redis")
+    if redis is None:
+        assert name == "external-redis"
+        return
+    config = one(docs, "ConfigMap", "rnnserve-redis")["data"]["redis.conf"]
+    (maxmemory,) = re.findall(r"^maxmemory (\S+)$", config, re.M)
+    limit = redis["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+    assert 0.4 <= _bytes(maxmemory) / _bytes(limit) <= 0.5, (maxmemory, limit)
 
 
 def test_gpu_only_in_the_gpu_overlay(overlay) -> None:
@@ -408,6 +565,28 @@ def test_dashboard_queries_use_only_declared_metrics() -> None:
     assert families <= shown_families, families - shown_families
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+
+
+def test_dashboard_filters_by_model_and_shows_no_mean_since_start() -> None:
+    """The model variable filters every panel whose metric has a `model` label (calls
+    too), and a histogram's `_sum`/`_count` appear only under rate(): `_sum / _count`
+    alone is a mean since the process started, not what happens now."""
+    dashboard = json.loads((DEPLOY / "grafana" / "rnnserve-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    with_model = {
+        name
+        for metric in METRICS
+        if "model" in metric._labelnames
+        for name in metric_names()
+        if name.startswith(metric._name)
+    }
+    assert "rnnserve_requests_total" in with_model
+    for expr in exprs:
+        for name, matchers in re.findall(r"(rnnserve_[a-z0-9_]+)\{([^}]*)\}", expr):
+            if name in with_model:
+                assert 'model=~"$model"' in matchers, (name, expr)
+        for name in re.findall(r"rnnserve_[a-z0-9_]+_(?:sum|count)\b", expr):
+            assert re.search(rf"(?:rate|increase)\({name}\b", expr), (name, expr)
 
 
 # -- the images -----------------------------------------------------------------------------
