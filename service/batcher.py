@@ -35,8 +35,9 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
+from . import tracing
 from .errors import Internal, QueueFull, ShuttingDown
 
 __all__ = ["RETRY", "BatcherStats", "DynamicBatcher", "Group", "Request", "Retry"]
@@ -84,6 +85,7 @@ class Request(Generic[P, R]):
     enqueued_at: float
     attempts: int = 0
     group: Group | None = None
+    trace: Any = None  # the caller's span context, with tracing on (`tracing.batch`)
 
 
 @dataclass
@@ -233,6 +235,8 @@ class DynamicBatcher(Generic[P, R]):
         self.start()
         loop = asyncio.get_running_loop()
         request: Request[P, R] = Request(key, payload, loop.create_future(), time.perf_counter())
+        if tracing.ENABLED:
+            request.trace = tracing.current_span_context()
         self._queued += 1
         self._enqueue(request)
         return request.future
@@ -255,9 +259,10 @@ class DynamicBatcher(Generic[P, R]):
         create_future = asyncio.get_running_loop().create_future
         group = Group(create_future(), len(items))
         now = time.perf_counter()
+        trace = tracing.current_span_context() if tracing.ENABLED else None
         futures: list[asyncio.Future[R]] = []
         for key, payload in items:
-            request: Request[P, R] = Request(key, payload, create_future(), now, 0, group)
+            request: Request[P, R] = Request(key, payload, create_future(), now, 0, group, trace)
             futures.append(request.future)
             self._enqueue(request)
         self._queued += len(items)
@@ -392,7 +397,8 @@ class DynamicBatcher(Generic[P, R]):
         started = time.perf_counter()
         results: Sequence[R | BaseException | Retry]
         try:
-            results = await self._handler(batch)
+            with tracing.batch(self.name, batch):
+                results = await self._handler(batch)
             if len(results) != len(batch):
                 raise Internal(
                     f"{self.name} handler returned {len(results)} result(s) for a batch of "

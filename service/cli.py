@@ -55,6 +55,9 @@ def serve(ctx: typer.Context) -> None:
     `RNNSERVE_*` environment variable; flags win.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "--help" in ctx.args or "-h" in ctx.args:
+        print_serve_help()
+        raise typer.Exit()
     from pydantic import ValidationError
 
     try:
@@ -65,7 +68,17 @@ def serve(ctx: typer.Context) -> None:
         )
         typer.echo(f"error: invalid setting(s): {problems}", err=True)
         raise typer.Exit(2) from None
-    from rnnserve.service.logs import configure_logging
+    from rnnserve.service.multiproc import MULTIPROC_ENV, claim_multiprocess_dir
+
+    # Before any metric exists (logs imports them): dead processes' files go first.
+    claim = claim_multiprocess_dir(os.environ.get(MULTIPROC_ENV))
+    from rnnserve.service.logs import configure_logging, quiet_native_imports
+
+    configure_logging(settings.log_level, json_lines=settings.log_json)
+    if claim is not None:
+        import logging
+
+        logging.getLogger("rnnserve.service.multiproc").info("metrics folder %s", claim.describe())
     from rnnserve.service.supervisor import (
         ProcessesError,
         Supervisor,
@@ -73,7 +86,6 @@ def serve(ctx: typer.Context) -> None:
         process_count,
     )
 
-    configure_logging(settings.log_level, json_lines=settings.log_json)
     exit_with_supervisor()
     try:
         processes = process_count(settings)
@@ -83,14 +95,47 @@ def serve(ctx: typer.Context) -> None:
     if processes > 1:  # the supervisor never imports the server (TensorFlow)
         raise typer.Exit(Supervisor(settings, processes).run())
 
-    from rnnserve.service.server import StartupError
-    from rnnserve.service.server import serve as run_server
+    # TensorFlow's native INFO lines (absl, oneDNN, CUDA) whatever TF_CPP_MIN_LOG_LEVEL says.
+    with quiet_native_imports(settings.log_level != "DEBUG"):
+        from rnnserve.service.server import StartupError
+        from rnnserve.service.server import serve as run_server
 
     try:
         asyncio.run(run_server(settings))
     except StartupError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+
+
+def print_serve_help() -> None:
+    """`rnnserve serve --help`: the look of the other commands, listed from `Settings`."""
+    from rich.console import Console
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    from rnnserve.service.settings import option_rows
+
+    console = Console()
+    console.print()
+    console.print(Text.assemble(" ", ("Usage: ", "yellow"), ("rnnserve serve [OPTIONS]", "bold")))
+    console.print()
+    console.print(" Serve the models of a repository until SIGTERM, then drain.")
+    console.print()
+    console.print(" Every option is also an environment variable (listed with it); flags win.")
+    console.print()
+    table = Table(show_header=False, box=None, expand=True, padding=(0, 1), highlight=True)
+    table.add_column(style="bold cyan", no_wrap=True)
+    table.add_column(style="bold yellow", no_wrap=True)
+    table.add_column(ratio=1)
+    for row in option_rows():
+        help_text = Text(row.description)
+        help_text.append(f"\n[env var: {row.env}]", style="dim")
+        if row.default is not None:
+            help_text.append(f"\n[default: {row.default}]", style="dim")
+        table.add_row(row.flag, f"<{row.kind}>", help_text)
+    table.add_row("--help", "", Text("Show this message and exit."))
+    console.print(Panel(table, title="Options", title_align="left", border_style="dim"))
 
 
 def settings_from_args(args: list[str]) -> Any:

@@ -33,13 +33,14 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rnnserve.core import StepSignature, TensorSpec
-
 from .errors import Internal, Unavailable
+
+if TYPE_CHECKING:  # the child imports TensorFlow only once its stderr is filtered
+    from rnnserve.core import StepSignature, TensorSpec
 
 __all__ = ["ComputeProcess"]
 
@@ -107,13 +108,17 @@ def _child_main(
     max_batch_size: int,
     warmup: bool,
     threads: int,
+    quiet: bool = True,
 ) -> None:
     """The compute process: load the model, then step batches until the socket closes."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from rnnserve.core import set_compute_threads
+    from rnnserve.service.logs import quiet_native_imports
 
-    set_compute_threads(max(1, threads))
-    from rnnserve.service.repository import load_step_function
+    with quiet_native_imports(quiet):  # TensorFlow's native INFO lines, as in `serve`
+        from rnnserve.core import set_compute_threads
+
+        set_compute_threads(max(1, threads))
+        from rnnserve.service.repository import load_step_function
 
     shm = SharedMemory(name=shm_name)
     # The parent owns the block (and unlinks it); attaching must not register it with
@@ -214,6 +219,8 @@ class ComputeProcess:
             "max_batch_size": self.max_batch_size,
             "warmup": self.warmup,
             "threads": self.threads,
+            # As the parent logs: its native INFO lines only at DEBUG.
+            "quiet": not logging.getLogger("rnnserve").isEnabledFor(logging.DEBUG),
         }
         process = _popen(config, theirs.fileno())
         theirs.close()
@@ -345,6 +352,7 @@ def main() -> None:
         config["max_batch_size"],
         config["warmup"],
         config["threads"],
+        config.get("quiet", True),
     )
 
 

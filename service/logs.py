@@ -1,18 +1,33 @@
-"""Logging setup: plain or one JSON object per line, each with the call's request id."""
+"""Logging setup: plain or one JSON object per line, each with the call's request id
+(and, with tracing on, its trace id); and TensorFlow's native import noise dropped."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import re
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from typing import Final
 
+from rnnserve.service import tracing
 from rnnserve.service.status import request_id_var
+
+__all__ = ["JsonFormatter", "configure_logging", "drop_native_info", "quiet_native_imports"]
+
+# Loggers whose INFO lines are ours; every other (third-party) logger logs from WARNING,
+# except at DEBUG, where nothing is held back.
+OWN_LOGGER: Final = "rnnserve"
 
 
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
+        record.trace_id = tracing.current_trace_id()
         return True
 
 
@@ -26,6 +41,9 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", "-"),
         }
+        trace_id = getattr(record, "trace_id", None)
+        if trace_id:
+            entry["trace_id"] = trace_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
@@ -41,4 +59,63 @@ def configure_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(level if level == "DEBUG" else max(logging.WARNING, logging.getLevelName(level)))
+    logging.getLogger(OWN_LOGGER).setLevel(level)
+
+
+# TensorFlow's native INFO records, written by absl straight to fd 2 at import whatever
+# TF_CPP_MIN_LOG_LEVEL says: `I0000 00:00:1796311466.026714   17382 port.cc:153] oneDNN
+# ...`, `... cudart_stub.cc:31] Could not find cuda drivers ...`, and the older
+# `2026-12-03 15:13:05.123456: I tensorflow/...` form; absl's note about them.
+_NATIVE_RECORD: Final = re.compile(
+    rb"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] "
+    rb"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWEF] \S+:\d+\] "
+)
+_NATIVE_INFO: Final = re.compile(
+    rb"I\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] "
+    rb"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: I \S+:\d+\] "
+    rb"|WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+)
+# Lines that are Python's own, never a continuation of a native record.
+_PYTHON_LINE: Final = re.compile(rb"Traceback |  File |\S*\.py:\d+: |[A-Z][A-Z]+[: ]")
+
+
+def drop_native_info(data: bytes) -> bytes:
+    """`data` without TensorFlow's native INFO records (and their continuation lines);
+    every other line kept, in order."""
+    kept: list[bytes] = []
+    dropping = False
+    for line in data.splitlines(keepends=True):
+        if _NATIVE_INFO.match(line):
+            dropping = True
+            continue
+        if dropping and not _NATIVE_RECORD.match(line) and not _PYTHON_LINE.match(line):
+            continue  # e.g. cpu_feature_guard's "To enable the following instructions: ..."
+        dropping = False
+        kept.append(line)
+    return b"".join(kept)
+
+
+@contextlib.contextmanager
+def quiet_native_imports(enabled: bool = True) -> Iterator[None]:
+    """While the block runs (the import of TensorFlow), fd 2 goes to a file; at the end
+    what was written there is written back in order, without TensorFlow's native INFO
+    records. `enabled=False` (`--log-level DEBUG`): nothing is captured."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            data = drop_native_info(captured.read())
+            while data:
+                data = data[os.write(2, data) :]

@@ -29,7 +29,9 @@ Several worker processes (`--reuse-port`) share one view when
 `PROMETHEUS_MULTIPROC_DIR` names an empty, writable folder before the process
 starts (prometheus_client's multiprocess mode: each process writes its samples to
 files there; any process's `/metrics` serves the sum). Gauges are per live process
-(`livesum` / `livemax`): a process removes its gauge files when it stops.
+(`livesum` / `livemax`): a process removes its gauge files when it stops, and
+`rnnserve serve` removes what dead processes left there before it starts
+(`multiproc.py`: the first live process removes dead processes' files).
 `--processes N` sets this up by itself (`supervisor.py`: a private folder, one
 endpoint served by the supervisor, which removes a dead child's gauges).
 """
@@ -47,6 +49,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.exposition import MetricsHandler
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from rnnserve.service.multiproc import MULTIPROC_ENV
+
 __all__ = [
     "METRICS",
     "MULTIPROC_ENV",
@@ -63,7 +67,6 @@ __all__ = [
     "start_metrics_server",
 ]
 
-MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 # The call metrics' `model` for a name no loaded model has: the label stays bounded.
 UNKNOWN_MODEL: Final = "_unknown"
 

@@ -46,6 +46,7 @@ import numpy as np
 
 from rnnserve.core import StepFunction, StepSignature, TensorSpec
 
+from . import tracing
 from .batcher import RETRY, DynamicBatcher, Request, Retry
 from .compute import ComputeProcess
 from .errors import (
@@ -405,7 +406,8 @@ class ModelRunner:
             for i, refused in nonfinite_rows(inputs, self.signature.inputs).items():
                 results[i] = refused
         keys = cast(list[str], [r.key for r in batch])
-        raws = await self._load(keys)
+        with tracing.span("state.load"):
+            raws = await self._load(keys)
         metrics.state_load.observe(time.perf_counter() - started)
         todo, views = self._judge(batch, raws, results)
         if not todo:
@@ -413,7 +415,8 @@ class ModelRunner:
         if len(todo) != len(batch):
             inputs = [x[todo] for x in inputs]
         try:
-            outputs, new_states = await self._compute(inputs, views)
+            with tracing.span("compute"):
+                outputs, new_states = await self._compute(inputs, views)
         except Exception as exc:
             error: BaseException
             if isinstance(exc, RnnserveError):  # e.g. the compute process died: UNAVAILABLE
@@ -557,7 +560,8 @@ class ModelRunner:
         ]
         committing = time.perf_counter()
         try:
-            applied = await self._store.commit_many(commits)
+            with tracing.span("state.commit"):
+                applied = await self._store.commit_many(commits)
         except RnnserveError as exc:
             stats.store_errors += 1
             metrics.store_errors.inc()

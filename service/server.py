@@ -18,6 +18,7 @@ import asyncio
 import gc
 import logging
 import os
+import platform
 import signal
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from rnnserve.core import set_compute_threads
+from rnnserve.service import tracing
 from rnnserve.service._generated.inference import grpc_service_pb2 as kserve_pb2
 from rnnserve.service._generated.inference import grpc_service_pb2_grpc as kserve_grpc
 from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
@@ -43,9 +45,9 @@ from rnnserve.service.metrics import (
     start_metrics_server,
 )
 from rnnserve.service.repository import ModelRepository
-from rnnserve.service.servicers.kserve import InferenceServicer
+from rnnserve.service.servicers.kserve import InferenceServicer, rnnserve_version
 from rnnserve.service.servicers.native import RecurrentServicer
-from rnnserve.service.settings import Settings, auto_compute_threads, available_cpus
+from rnnserve.service.settings import Settings, auto_compute_threads, available_cpus, redact_url
 from rnnserve.service.status import StatusInterceptor, TokenAuth
 from rnnserve.service.store import MemoryStore, RedisClusterStore, RedisStore, StateStore
 
@@ -70,6 +72,45 @@ def make_store(settings: Settings) -> StateStore:
             settings.redis_url, socket_timeout_s=socket_s, op_timeout_s=2.5 * socket_s
         )
     return MemoryStore()
+
+
+def describe_store(settings: Settings) -> str:
+    """The state store `make_store` makes, in words for the start log (no password)."""
+    if settings.redis_url:
+        kind = "Redis Cluster (seed node)" if settings.redis_cluster else "Redis"
+        return (
+            f"{kind} at {redact_url(settings.redis_url)}, namespace {settings.namespace!r} "
+            f"when auth is off, command timeout {settings.redis_timeout_s:g}s"
+        )
+    return "memory (in this process: sessions do not survive a restart and are not shared)"
+
+
+def describe_models(engine: SessionEngine) -> str:
+    """`char_lstm (version(s) 1, default 1); other (version(s) 1, 2, default 2)`."""
+    return "; ".join(
+        f"{name} (version(s) {', '.join(engine.versions(name))}, "
+        f"default {engine.default_version(name)})"
+        for name in engine.models()
+    )
+
+
+def log_start(settings: Settings, store: StateStore, *, described: bool) -> None:
+    """The first lines of the start log: who, which settings, which store."""
+    logger.info(
+        "rnnserve %s (Python %s, pid %d)",
+        rnnserve_version(),
+        platform.python_version(),
+        os.getpid(),
+    )
+    changed = settings.changed()
+    logger.info(
+        "settings not at their defaults: %s",
+        ", ".join(f"{name}={value}" for name, value in changed.items()) if changed else "none",
+    )
+    logger.info(
+        "state store: %s",
+        describe_store(settings) if described else f"{type(store).__name__} (given)",
+    )
 
 
 def _reflection_pool(files: Sequence[FileDescriptor]) -> descriptor_pool.DescriptorPool:
@@ -124,6 +165,7 @@ class RnnserveServer:
 
     def __init__(self, settings: Settings, *, store: StateStore | None = None) -> None:
         self.settings = settings
+        self._store_given = store is not None
         self.store = store if store is not None else make_store(settings)
         self.engine = SessionEngine(self.store, namespace=settings.namespace)
         self.repository = ModelRepository(settings.model_repository, self.engine, settings)
@@ -152,6 +194,13 @@ class RnnserveServer:
     async def start(self) -> int:
         """Bind, load and warm the models, then report SERVING. Returns the bound port."""
         settings = self.settings
+        log_start(settings, self.store, described=not self._store_given)
+        if settings.tracing and not tracing.ENABLED:
+            try:
+                tracing.enable()
+            except tracing.TracingUnavailable as exc:
+                raise StartupError(str(exc)) from exc
+            logger.info("tracing: on (OpenTelemetry)")
         try:
             auth = TokenAuth.from_settings(settings.auth_tokens_file, settings.auth_tokens)
         except (RnnserveError, OSError) as exc:
@@ -251,7 +300,13 @@ class RnnserveServer:
         self._ready = True
         self._started = True
         self._health_task = asyncio.ensure_future(self._watch_health())
-        logger.info("serving %d model(s)", len(self.engine.models()))
+        logger.info(
+            "serving %d model(s) on %s:%d: %s",
+            len(self.engine.models()),
+            settings.host,
+            self.port,
+            describe_models(self.engine),
+        )
         return self.port
 
     async def _store_error(self) -> str | None:

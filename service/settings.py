@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import math
 import os
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -117,8 +121,42 @@ class Settings(BaseSettings):
     )
 
     # -- logging ---------------------------------------------------------------------
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO",
+        description="least level logged; DEBUG also lets TensorFlow's native INFO lines "
+        "through (otherwise dropped at import)",
+    )
     log_json: bool = Field(False, description="one JSON object per log line")
+    tracing: bool = Field(
+        False,
+        description="OpenTelemetry spans for calls, queue waits and batches (needs "
+        "`rnnserve[tracing]`; exported as the OTEL_* variables say); off: nothing of "
+        "OpenTelemetry is imported",
+    )
+
+    # Shown as *** wherever settings are printed (the start log).
+    SECRET_FIELDS: ClassVar[frozenset[str]] = frozenset({"auth_tokens"})
+    URL_FIELDS: ClassVar[frozenset[str]] = frozenset({"redis_url"})
+
+    def changed(self) -> dict[str, str]:
+        """Every setting that differs from its default, as printed (secrets as ***)."""
+        out: dict[str, str] = {}
+        for name, info in type(self).model_fields.items():
+            value = getattr(self, name)
+            if value == info.get_default(call_default_factory=True):
+                continue
+            out[name] = self.shown(name, value)
+        return out
+
+    def shown(self, name: str, value: Any) -> str:
+        """`value` of setting `name` as it may be printed."""
+        if value is None:
+            return "unset"
+        if name in self.SECRET_FIELDS:
+            return "***"
+        if name in self.URL_FIELDS:
+            return redact_url(str(value))
+        return str(value)
 
     @model_validator(mode="after")
     def _tls_pairs(self) -> Settings:
@@ -133,6 +171,73 @@ def auto_compute_threads(cpus: int, processes: int = 1) -> int:
     """`compute_threads=0`: one less than a process's share of `cpus` (its event loop
     keeps a core), at least 1. `cpus` is `available_cpus()`: in a pod, its CPU limit."""
     return max(1, cpus // processes - 1)
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password (in the authority or a `password=` query) as ***."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, host = netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        netloc = f"{user}:***@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(key == "password" for key, _ in pairs):
+            query = urlencode(
+                [(key, "***" if key == "password" else value) for key, value in pairs], safe="*"
+            )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+@dataclass(frozen=True)
+class OptionRow:
+    """One line of `rnnserve serve --help`."""
+
+    flag: str
+    kind: str
+    env: str
+    default: str | None
+    description: str
+
+
+def _kind(annotation: Any) -> str:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "choice"
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _kind(args[0])
+    return {Path: "path"}.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _described(description: str, annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return f"{description} [{'|'.join(map(str, typing.get_args(annotation)))}]"
+    return description
+
+
+def option_rows() -> list[OptionRow]:
+    """Every setting as a flag, with its env variable and default, in declaration order."""
+    prefix = Settings.model_config.get("env_prefix", "")
+    rows = []
+    for name, info in Settings.model_fields.items():
+        default = info.get_default(call_default_factory=True)
+        rows.append(
+            OptionRow(
+                flag="--" + name.replace("_", "-"),
+                kind=_kind(info.annotation),
+                env=f"{prefix}{name}".upper(),
+                default=None
+                if default is None
+                else str(default).lower()
+                if isinstance(default, bool)
+                else str(default),
+                description=_described(info.description or "", info.annotation),
+            )
+        )
+    return rows
 
 
 def available_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:

@@ -32,6 +32,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from rnnserve.service import tracing
 from rnnserve.service.errors import (
     InvalidArgument,
     RnnserveError,
@@ -253,6 +254,8 @@ class StatusInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
             calls,
             request_metrics(details.method),
             self._loaded,
+            # Traced only with tracing on, and never the probes.
+            None if probe or not tracing.ENABLED else (details.method, metadata),
         )
 
 
@@ -336,10 +339,12 @@ def _wrap(
     calls: _CallCounter | None,
     metrics: MethodMetrics | None = None,
     loaded: Callable[[str], bool] | None = None,
+    traced: tuple[str, Any] | None = None,
 ) -> grpc.RpcMethodHandler:
     started = 0.0
     counted = False
     model: str | None = None  # named by the call's first request
+    call_span: tracing.CallSpan | None = None
 
     def decoded(request: Any) -> None:
         nonlocal model
@@ -349,26 +354,34 @@ def _wrap(
     deserialize = _tolerant(handler.request_deserializer, decoded)
 
     def enter() -> None:
-        nonlocal started
+        nonlocal started, call_span
         namespace_var.set(namespace)
         request_id_var.set(request_id)
         if calls is not None:
             calls.enter()
+        if traced is not None:
+            call_span = tracing.start_call(traced[0], traced[1], request_id)
         started = time.perf_counter()
 
     def count(code: str) -> None:
         # Once per call, before the client can see the status (`abort` sends it at once).
         nonlocal counted
-        if metrics is not None and not counted:
-            counted = True
+        if counted:
+            return
+        counted = True
+        if metrics is not None:
             seconds = time.perf_counter() - started
             metrics.finished(model_label(model or "", loaded), code, seconds)
             logger.debug("%s %s %.1fms", metrics.method, code, seconds * 1000)
+        if call_span is not None:
+            call_span.finished(code)
 
     def leave(context: aio.ServicerContext) -> None:
         if calls is not None:
             calls.exit()
         count("CANCELLED" if context.cancelled() else "OK")
+        if call_span is not None:
+            call_span.end()
 
     async def abort(context: aio.ServicerContext, exc: BaseException) -> None:
         code, message = describe(exc)

@@ -39,6 +39,7 @@ from types import FrameType
 from prometheus_client.multiprocess import mark_process_dead
 
 from rnnserve.service.metrics import MULTIPROC_ENV, MetricsServer, start_metrics_server
+from rnnserve.service.multiproc import SUPERVISOR_PREFIX
 from rnnserve.service.settings import Settings, auto_compute_threads, available_cpus
 
 __all__ = [
@@ -212,7 +213,7 @@ class Supervisor:
             # summed into ours. Under PROMETHEUS_MULTIPROC_DIR when one is given.
             parent = os.environ.get(MULTIPROC_ENV)
             folder = tempfile.mkdtemp(
-                prefix="rnnserve-metrics-",
+                prefix=SUPERVISOR_PREFIX,  # multiproc.py removes dead ones
                 dir=parent if parent and os.path.isdir(parent) else None,
             )
             self.metrics = start_metrics_server(

@@ -56,7 +56,7 @@ _DTYPES: Mapping[str, tuple[str, Any, str]] = {
 }
 
 
-def _version() -> str:
+def rnnserve_version() -> str:
     try:
         return importlib.metadata.version("rnnserve")
     except importlib.metadata.PackageNotFoundError:
@@ -272,7 +272,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self, request: pb.ServerMetadataRequest, context: aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(
-            name="rnnserve", version=_version(), extensions=list(EXTENSIONS)
+            name="rnnserve", version=rnnserve_version(), extensions=list(EXTENSIONS)
         )
 
     async def ModelMetadata(
