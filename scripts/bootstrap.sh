@@ -3,7 +3,7 @@
 # constraints.txt.
 #
 #   bash scripts/bootstrap.sh        # what serving needs (the runtime dependencies)
-#   bash scripts/bootstrap.sh dev    # + the test, lint and type-check tools
+#   bash scripts/bootstrap.sh dev    # + the test, lint and type-check tools, and tracing
 #
 # Env: PYTHON (default python3.11, else python3; 3.11 to 3.13 are supported), VENV (default
 # .venv). The first install downloads TensorFlow (~600 MB): pip's progress is shown.
@@ -14,7 +14,7 @@ command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 VENV=${VENV:-.venv}
 target=.
 if [ "${1:-}" = "dev" ]; then
-    target=".[dev]"
+    target=".[dev,tracing]"  # the tracing tests need OpenTelemetry
 elif [ -n "${1:-}" ]; then
     echo "usage: bash scripts/bootstrap.sh [dev]" >&2
     exit 2

@@ -67,31 +67,24 @@ def configure_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
 # TF_CPP_MIN_LOG_LEVEL says: `I0000 00:00:1796311466.026714   17382 port.cc:153] oneDNN
 # ...`, `... cudart_stub.cc:31] Could not find cuda drivers ...`, and the older
 # `2026-12-03 15:13:05.123456: I tensorflow/...` form; absl's note about them.
-_NATIVE_RECORD: Final = re.compile(
-    rb"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] "
-    rb"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWEF] \S+:\d+\] "
-)
 _NATIVE_INFO: Final = re.compile(
-    rb"I\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] "
+    rb"I\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] "  # before InitializeLog: 00:00:<epoch s>
     rb"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: I \S+:\d+\] "
     rb"|WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
 )
-# Lines that are Python's own, never a continuation of a native record.
-_PYTHON_LINE: Final = re.compile(rb"Traceback |  File |\S*\.py:\d+: |[A-Z][A-Z]+[: ]")
+# The second line of the one two-line INFO record at import (cpu_feature_guard.cc).
+_NATIVE_CONTINUATION: Final = re.compile(rb"To enable the following instructions: ")
 
 
 def drop_native_info(data: bytes) -> bytes:
-    """`data` without TensorFlow's native INFO records (and their continuation lines);
-    every other line kept, in order."""
+    """`data` without TensorFlow's native INFO records; every other line kept, in order."""
     kept: list[bytes] = []
-    dropping = False
+    after_info = False
     for line in data.splitlines(keepends=True):
-        if _NATIVE_INFO.match(line):
-            dropping = True
+        if _NATIVE_INFO.match(line) or (after_info and _NATIVE_CONTINUATION.match(line)):
+            after_info = True
             continue
-        if dropping and not _NATIVE_RECORD.match(line) and not _PYTHON_LINE.match(line):
-            continue  # e.g. cpu_feature_guard's "To enable the following instructions: ..."
-        dropping = False
+        after_info = False
         kept.append(line)
     return b"".join(kept)
 

@@ -156,9 +156,11 @@ class CallSpan:
 
     def finished(self, code: str) -> None:
         """The call's status code (a gRPC status name): not OK marks the span failed."""
+        import grpc
         from opentelemetry.trace import Status, StatusCode
 
-        self._span.set_attribute("rpc.grpc.status_code", code)
+        status = getattr(grpc.StatusCode, code, grpc.StatusCode.UNKNOWN)
+        self._span.set_attribute("rpc.grpc.status_code", status.value[0])
         if code != "OK":
             self._span.set_status(Status(StatusCode.ERROR, code))
 
