@@ -84,6 +84,11 @@ def _sdk_provider() -> Any:
             )
         else:
             exporter = OTLPSpanExporter()
+    elif exporter_name != "none":
+        logger.warning(
+            "tracing: OTEL_TRACES_EXPORTER=%s is not one of otlp, console, none: not exported",
+            exporter_name,
+        )
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
