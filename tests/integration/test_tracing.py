@@ -180,6 +180,28 @@ def test_every_step_of_a_stream_is_queued_under_the_stream(
     assert len(batches) == 3  # one step of a session per batch
 
 
+def test_the_rows_of_one_step_many_are_queued_under_its_call(
+    stub: Any, exporter: InMemorySpanExporter
+) -> None:
+    ids = [start(stub) for _ in range(3)]
+    header, trace_id, _ = traceparent()
+    reply = stub.StepMany(
+        pb.StepManyRequest(
+            model="lstm", session_ids=ids, inputs=[tensor("x", make_xs(3, 1)[:, 0])]
+        ),
+        metadata=[("traceparent", header)],
+    )
+    assert list(reply.codes) == [0, 0, 0]
+    (call,) = spans_of(exporter, trace_id, "rnnserve.v1.Recurrent/StepMany")
+    queued = spans_of(exporter, trace_id, "rnnserve.queue", count=3)
+    assert len(queued) == 3
+    assert {q.parent.span_id for q in queued if q.parent} == {call.context.span_id}
+    for batch in {
+        batch_of(exporter, q).context.span_id: batch_of(exporter, q) for q in queued
+    }.values():
+        assert call.context.span_id in {link.context.span_id for link in batch.links}
+
+
 def test_a_failed_call_is_marked(stub: Any, exporter: InMemorySpanExporter) -> None:
     header, trace_id, _ = traceparent()
     error = rpc_error(
