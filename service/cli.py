@@ -10,6 +10,7 @@ Flags override `RNNSERVE_*` environment variables; both fill one `Settings`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -76,8 +77,6 @@ def serve(ctx: typer.Context) -> None:
 
     configure_logging(settings.log_level, json_lines=settings.log_json)
     if claim is not None:
-        import logging
-
         logging.getLogger("rnnserve.service.multiproc").info("metrics folder %s", claim.describe())
     from rnnserve.service.supervisor import (
         ProcessesError,
