@@ -37,7 +37,7 @@ STEP = "/rnnserve.v1.Recurrent/Step"
 
 def _duration(code: str) -> tuple[float, float]:
     """(count, sum) of the server's Step duration histogram for `code`."""
-    labels = {"method": STEP, "code": code}
+    labels = {"method": STEP, "model": "lstm", "code": code}
     count = REGISTRY.get_sample_value("rnnserve_request_duration_seconds_count", labels)
     total = REGISTRY.get_sample_value("rnnserve_request_duration_seconds_sum", labels)
     return count or 0.0, total or 0.0
@@ -55,6 +55,7 @@ def _slowest_bucket(code: str, count: float) -> float:
             if (
                 sample.name.endswith("_bucket")
                 and labels.get("method") == STEP
+                and labels.get("model") == "lstm"
                 and labels.get("code") == code
                 and sample.value >= count
             ):
