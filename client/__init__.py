@@ -26,6 +26,7 @@ from rnnserve.client._exceptions import (
     Overloaded,
     SeqConflict,
     ServerError,
+    SessionRolledBack,
     StepsLost,
     Unauthorized,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "ServerError",
     "Session",
     "SessionInfo",
+    "SessionRolledBack",
     "Signature",
     "StepsLost",
     "TensorSpec",

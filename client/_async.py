@@ -26,6 +26,7 @@ from rnnserve.client._exceptions import (
     StepsLost,
     from_rpc_error,
     from_status,
+    rolled_back,
     status_code,
 )
 from rnnserve.client._models import (
@@ -358,6 +359,10 @@ class AsyncSession:
                 if on_step is not None:
                     on_step(acked, total)
                 yield outputs
+            elif applied < acked:  # the store lost steps it acknowledged
+                raise rolled_back(
+                    self.session_id, stored_seq=base + applied, requested_seq=base + acked
+                )
             elif applied != acked:
                 raise StepsLost(
                     f"session {self.session_id!r}: the server applied {applied} step(s) of "

@@ -8,6 +8,8 @@ A `grpc.RpcError` never leaves the client: it is translated at the boundary with
     ├── InvalidRequest                 INVALID_ARGUMENT, OUT_OF_RANGE
     ├── NotFound                       NOT_FOUND (no such model, version or session)
     ├── SeqConflict                    FAILED_PRECONDITION (carries `current_seq`)
+    ├── SessionRolledBack              FAILED_PRECONDITION: the server's state store is
+    │                                  behind steps it acknowledged (a lost commit)
     ├── Unauthorized                   UNAUTHENTICATED, PERMISSION_DENIED
     ├── Overloaded                     RESOURCE_EXHAUSTED
     ├── ServerError                    INTERNAL, ABORTED and anything else
@@ -29,11 +31,13 @@ __all__ = [
     "Overloaded",
     "SeqConflict",
     "ServerError",
+    "SessionRolledBack",
     "StepsLost",
     "Unauthorized",
 ]
 
 _SEQ_IN_MESSAGE = re.compile(r"is at seq (\d+)")
+_ROLLED_BACK = re.compile(r"is at seq (\d+) but this step expected seq (\d+)")
 
 
 class ClientError(Exception):
@@ -65,6 +69,44 @@ class SeqConflict(ClientError):
     ) -> None:
         super().__init__(message, code=code)
         self.current_seq = current_seq
+
+
+class SessionRolledBack(ClientError):
+    """The session is behind steps the server acknowledged: their commit was lost by
+    the state store (e.g. Redis failed over to a replica that had not received it).
+
+    Nothing was applied. The session is at `stored_seq` (also `current_seq`); this
+    client expected `requested_seq`; `missing` steps are gone. Decide: replay them
+    from your own log (after `info()`, which re-reads the seq), or `reset()`.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode | None = None,
+        stored_seq: int,
+        requested_seq: int,
+    ) -> None:
+        super().__init__(message, code=code)
+        self.stored_seq = stored_seq
+        self.requested_seq = requested_seq
+        self.missing = requested_seq - stored_seq
+
+    @property
+    def current_seq(self) -> int:
+        return self.stored_seq
+
+
+def rolled_back(session_id: str, *, stored_seq: int, requested_seq: int) -> SessionRolledBack:
+    """The error for a session found behind the seq this client was acknowledged."""
+    return SessionRolledBack(
+        f"session {session_id!r} is at seq {stored_seq} but this client was acknowledged "
+        f"up to seq {requested_seq}: {requested_seq - stored_seq} step(s) are missing from "
+        "the server's state store",
+        stored_seq=stored_seq,
+        requested_seq=requested_seq,
+    )
 
 
 class Unauthorized(ClientError):
@@ -117,6 +159,10 @@ def status_code(value: int) -> grpc.StatusCode:
 def from_status(code: grpc.StatusCode, details: str) -> ClientError:
     """The client error for a status (code + message), e.g. from a stream's `Error`."""
     if code is grpc.StatusCode.FAILED_PRECONDITION:
+        gap = _ROLLED_BACK.search(details)
+        if gap:
+            stored, requested = int(gap.group(1)), int(gap.group(2))
+            return SessionRolledBack(details, code=code, stored_seq=stored, requested_seq=requested)
         match = _SEQ_IN_MESSAGE.search(details)
         current = int(match.group(1)) if match else None
         return SeqConflict(details, code=code, current_seq=current)

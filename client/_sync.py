@@ -16,7 +16,7 @@ from typing import Any, Self
 
 import grpc
 
-from rnnserve.client._exceptions import ClientError, StepsLost, from_rpc_error
+from rnnserve.client._exceptions import ClientError, StepsLost, from_rpc_error, rolled_back
 from rnnserve.client._models import (
     DEFAULT_MAX_MESSAGE_BYTES,
     RETRYABLE,
@@ -373,6 +373,10 @@ class Session:
                 if on_step is not None:
                     on_step(acked, total)
                 yield outputs
+            elif applied < acked:  # the store lost steps it acknowledged
+                raise rolled_back(
+                    self.session_id, stored_seq=base + applied, requested_seq=base + acked
+                )
             elif applied != acked:
                 raise StepsLost(
                     f"session {self.session_id!r}: the server applied {applied} step(s) of "

@@ -13,6 +13,7 @@ boundary with `raise ... from exc`, so the cause stays attached.
     │   └── ModelNotFound
     ├── FailedPrecondition            FAILED_PRECONDITION
     │   ├── SeqConflict               (carries `current_seq`)
+    │   │   └── SessionRolledBack     (the store is behind the step: a lost commit)
     │   └── ModelVersionMismatch
     ├── Aborted                       ABORTED
     │   └── ConcurrentUpdate
@@ -20,6 +21,7 @@ boundary with `raise ... from exc`, so the cause stays attached.
     │   └── QueueFull
     ├── Unavailable                   UNAVAILABLE
     │   ├── StoreUnavailable
+    │   │   └── PartialStoreFailure   (some keys' nodes failed, the others answered)
     │   └── ShuttingDown
     ├── Unauthenticated               UNAUTHENTICATED
     ├── PermissionDenied              PERMISSION_DENIED
@@ -39,12 +41,14 @@ __all__ = [
     "ModelNotFound",
     "ModelVersionMismatch",
     "NotFound",
+    "PartialStoreFailure",
     "PermissionDenied",
     "QueueFull",
     "ResourceExhausted",
     "RnnserveError",
     "SeqConflict",
     "SessionNotFound",
+    "SessionRolledBack",
     "ShuttingDown",
     "StoreUnavailable",
     "Unauthenticated",
@@ -95,6 +99,37 @@ class SeqConflict(FailedPrecondition):
         self.current_seq = current_seq
 
 
+class SessionRolledBack(SeqConflict):
+    """The step expected a seq ahead of the stored one: steps acknowledged before are
+    missing from the state store (a commit lost when Redis failed over to a replica
+    that had not received it, or a session restored from an older copy).
+
+    Nothing was applied. `stored_seq` is where the session is now, `requested_seq`
+    where the step expected it, `missing` how many acknowledged steps are gone; the
+    application decides (replay them from its own log, or reset the session).
+    """
+
+    reason = "SESSION_ROLLED_BACK"
+
+    def __init__(self, session_id: str, *, stored_seq: int, requested_seq: int) -> None:
+        missing = requested_seq - stored_seq
+        steps = (
+            f"step {requested_seq} is"
+            if missing == 1
+            else f"steps {stored_seq + 1} to {requested_seq} are"
+        )
+        super().__init__(
+            f"session {session_id!r} is at seq {stored_seq} but this step expected seq "
+            f"{requested_seq}: {steps} missing from the state store (a commit acknowledged "
+            "earlier was lost, e.g. Redis failed over to a replica that had not received "
+            "it); nothing was applied: replay the missing steps or reset the session",
+            current_seq=stored_seq,
+        )
+        self.stored_seq = stored_seq
+        self.requested_seq = requested_seq
+        self.missing = missing
+
+
 class ModelVersionMismatch(FailedPrecondition):
     """The session's state belongs to another version of the model than the one asked."""
 
@@ -127,6 +162,20 @@ class StoreUnavailable(Unavailable):
     When it is unknown which (the reply was lost), a retry with the same `seq` and
     request id is answered exactly once.
     """
+
+
+class PartialStoreFailure(StoreUnavailable):
+    """A batch's store call failed on some nodes of a Redis Cluster and answered on the
+    others: `failed` maps the index of each key whose node failed to its error,
+    `results` holds the answers of the others (None at the failed indices). Only the
+    failed keys' steps fail; the others go on."""
+
+    def __init__(
+        self, message: str, *, results: list[object], failed: dict[int, StoreUnavailable]
+    ) -> None:
+        super().__init__(message)
+        self.results = results
+        self.failed = failed
 
 
 class ShuttingDown(Unavailable):

@@ -17,6 +17,8 @@ Semantics of a step on a session whose record is at `current` seq:
 - `seq == current - 1` and the same request id as the step that made `current`: a
   retry; the stored reply (last outputs) is returned and nothing changes.
   (A step without `seq` but with the last step's request id is treated the same.)
+- `seq > current`: `SessionRolledBack` naming the missing steps (the client was told
+  of steps the store does not have: a commit lost in a Redis failover).
 - otherwise: `SeqConflict` naming `current`.
 
 A step that loses the compare-and-set to another writer goes back to the front of the
@@ -54,9 +56,11 @@ from .errors import (
     FailedPrecondition,
     Internal,
     InvalidArgument,
+    PartialStoreFailure,
     RnnserveError,
     SeqConflict,
     SessionNotFound,
+    SessionRolledBack,
 )
 from .metrics import RunnerMetrics
 from .record import RecordCodec, RecordView, cas_token, new_incarnation
@@ -406,11 +410,25 @@ class ModelRunner:
             for i, refused in nonfinite_rows(inputs, self.signature.inputs).items():
                 results[i] = refused
         keys = cast(list[str], [r.key for r in batch])
+        ttl = self.config.idle_timeout_s
         with tracing.span("state.load"):
-            raws = await self._load(keys)
+            raws = await self._load(keys, results)
         metrics.state_load.observe(time.perf_counter() - started)
-        todo, views = self._judge(batch, raws, results)
+        todo, views, replays = self._judge(batch, raws, results)
+        # With --redis-min-replicas-ack, a replay is acknowledged only once its record
+        # is known to be on the replicas: it is re-written (compare-and-set on its own
+        # token) and waited for along with the batch's commits.
+        confirm = (
+            [
+                (i, Commit(keys[i], cas_token(v.seq, v.incarnation), cast(bytes, raws[i]), ttl))
+                for i, v in replays
+            ]
+            if replays and self._store.min_replicas_ack > 0
+            else []
+        )
         if not todo:
+            if confirm:
+                await self._write(batch, [], confirm, results)
             return results
         if len(todo) != len(batch):
             inputs = [x[todo] for x in inputs]
@@ -428,16 +446,31 @@ class ModelRunner:
                 error.__cause__ = exc
             for i in todo:  # the replays and conflicts of this batch still stand
                 results[i] = error
+            if confirm:
+                await self._write(batch, [], confirm, results)
             return results
-        await self._commit(batch, keys, todo, views, outputs, new_states, results)
+        await self._commit(batch, keys, todo, views, outputs, new_states, results, confirm)
         return results
 
-    async def _load(self, keys: list[str]) -> list[bytes | None]:
+    def _store_failed(self) -> None:
+        self.stats.store_errors += 1
+        self.metrics.store_errors.inc()
+
+    async def _load(self, keys: list[str], results: Results) -> list[bytes | None]:
+        """The batch's records. On a Cluster whose node failed, only that node's rows
+        fail (their result is the error, their record None); the others go on."""
         try:
             return await self._store.load_many(keys)
+        except PartialStoreFailure as exc:
+            self._store_failed()
+            for i, error in exc.failed.items():
+                results[i] = error
+            return [
+                None if i in exc.failed else cast(bytes | None, r)
+                for i, r in enumerate(exc.results)
+            ]
         except RnnserveError:
-            self.stats.store_errors += 1
-            self.metrics.store_errors.inc()
+            self._store_failed()
             raise
 
     def _judge(
@@ -445,9 +478,10 @@ class ModelRunner:
         batch: list[Request[Step, StepResult]],
         raws: list[bytes | None],
         results: Results,
-    ) -> tuple[list[int], list[RecordView]]:
+    ) -> tuple[list[int], list[RecordView], list[tuple[int, RecordView]]]:
         """Each step against its session's record: a replay, a conflict, an error, or
-        to apply (its index and view returned). Results are written for all but those."""
+        to apply (its index and view returned). Results are written for all but those;
+        the replays (index and view) are returned too."""
         codec, stats, metrics = self.codec, self.stats, self.metrics
         todo: list[int] = []
         views: list[RecordView] = []
@@ -485,6 +519,13 @@ class ModelRunner:
             elif step.seq is None or step.seq == view.seq:
                 todo.append(i)
                 views.append(view)
+            elif step.seq > view.seq:
+                # The client was told of steps the store does not have: a lost commit.
+                stats.seq_conflicts += 1
+                metrics.seq_conflicts.inc()
+                results[i] = SessionRolledBack(
+                    step.session_id, stored_seq=view.seq, requested_seq=step.seq
+                )
             else:
                 stats.seq_conflicts += 1
                 metrics.seq_conflicts.inc()
@@ -501,7 +542,7 @@ class ModelRunner:
                 result = self.result(stored, k, view.seq)
                 result.replayed = True
                 results[i] = result
-        return todo, views
+        return todo, views, list(zip(replays, replay_views, strict=True))
 
     async def _compute(
         self, inputs: list[np.ndarray], views: list[RecordView]
@@ -529,8 +570,10 @@ class ModelRunner:
         outputs: list[np.ndarray],
         new_states: list[np.ndarray],
         results: Results,
+        confirm: list[tuple[int, Commit]],
     ) -> None:
-        """Write the new records (compare-and-set each) and settle the applied rows."""
+        """Write the new records (compare-and-set each) and settle the applied rows;
+        `confirm`: replays re-written with them (see `_handle`)."""
         codec, stats, metrics = self.codec, self.stats, self.metrics
         n = len(todo)
         output_rows = codec.output_rows(outputs, n)
@@ -558,31 +601,55 @@ class ModelRunner:
                 todo, views, output_rows, state_rows, strict=True
             )
         ]
-        committing = time.perf_counter()
-        try:
-            with tracing.span("state.commit"):
-                applied = await self._store.commit_many(commits)
-        except RnnserveError as exc:
-            stats.store_errors += 1
-            metrics.store_errors.inc()
-            for i in todo:
-                results[i] = exc
-            return
-        metrics.state_commit.observe(time.perf_counter() - committing)
-        max_retries = self.config.max_cas_retries
+        applied = await self._write(batch, list(zip(todo, commits, strict=True)), confirm, results)
         n_applied = 0
         for k, (i, view, ok) in enumerate(zip(todo, views, applied, strict=True)):
             if ok:
                 n_applied += 1
                 results[i] = self.result(outputs, k, view.seq + 1)
+        stats.applied += n_applied
+        metrics.steps.inc(n_applied)
+
+    async def _write(
+        self,
+        batch: list[Request[Step, StepResult]],
+        commits: list[tuple[int, Commit]],
+        confirm: list[tuple[int, Commit]],
+        results: Results,
+    ) -> list[bool]:
+        """One `commit_many` of the steps' commits and the replays to confirm. Rows whose
+        write failed get the error, rows that lost the compare-and-set are retried (or
+        `ConcurrentUpdate`); a confirmed replay keeps its result. Returns, per entry of
+        `commits`, whether it applied (its result is then the caller's to write)."""
+        rows = [(i, c) for i, c in commits] + confirm
+        failed: dict[int, BaseException] = {}
+        committing = time.perf_counter()
+        try:
+            with tracing.span("state.commit"):
+                flags = await self._store.commit_many([c for _, c in rows])
+        except PartialStoreFailure as exc:
+            self._store_failed()
+            failed = dict(exc.failed)
+            flags = [bool(flag) for flag in exc.results]
+        except RnnserveError as exc:
+            self._store_failed()
+            failed = dict.fromkeys(range(len(rows)), exc)
+            flags = [False] * len(rows)
+        else:
+            self.metrics.state_commit.observe(time.perf_counter() - committing)
+        max_retries = self.config.max_cas_retries
+        for k, (i, _) in enumerate(rows):
+            if k in failed:
+                results[i] = failed[k]
+            elif flags[k]:
+                continue  # applied: the caller settles it; confirmed: the replay stands
             elif batch[i].attempts < max_retries:
-                stats.cas_retries += 1
-                metrics.cas_retries.inc()
+                self.stats.cas_retries += 1
+                self.metrics.cas_retries.inc()
                 results[i] = RETRY
             else:
                 results[i] = ConcurrentUpdate(
                     f"session {batch[i].payload.session_id!r} was changed by another writer "
                     f"{batch[i].attempts + 1} times while this step ran; not applied"
                 )
-        stats.applied += n_applied
-        metrics.steps.inc(n_applied)
+        return [flags[k] and k not in failed for k in range(len(commits))]

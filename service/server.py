@@ -22,6 +22,7 @@ import platform
 import signal
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -49,7 +50,13 @@ from rnnserve.service.servicers.kserve import InferenceServicer, rnnserve_versio
 from rnnserve.service.servicers.native import RecurrentServicer
 from rnnserve.service.settings import Settings, auto_compute_threads, available_cpus, redact_url
 from rnnserve.service.status import StatusInterceptor, TokenAuth
-from rnnserve.service.store import MemoryStore, RedisClusterStore, RedisStore, StateStore
+from rnnserve.service.store import (
+    MemoryStore,
+    RedisClusterStore,
+    RedisStore,
+    StateStore,
+    parse_sentinels,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,26 +70,45 @@ SERVER_NAME = "rnnserve"
 
 def make_store(settings: Settings) -> StateStore:
     socket_s = settings.redis_timeout_s
+    common: dict[str, Any] = {
+        "socket_timeout_s": socket_s,
+        "op_timeout_s": 2.5 * socket_s,
+        "min_replicas_ack": settings.redis_min_replicas_ack,
+        "replicas_ack_timeout_ms": settings.redis_replicas_ack_timeout_ms,
+    }
+    if settings.redis_sentinel and settings.redis_service:
+        sentinels = parse_sentinels(settings.redis_sentinel)
+        return RedisStore.from_sentinel(sentinels, settings.redis_service, **common)
     if settings.redis_url and settings.redis_cluster:
-        return RedisClusterStore.from_url(
-            settings.redis_url, socket_timeout_s=socket_s, op_timeout_s=2.5 * socket_s
-        )
+        return RedisClusterStore.from_url(settings.redis_url, **common)
     if settings.redis_url:
-        return RedisStore.from_url(
-            settings.redis_url, socket_timeout_s=socket_s, op_timeout_s=2.5 * socket_s
-        )
+        return RedisStore.from_url(settings.redis_url, **common)
     return MemoryStore()
 
 
 def describe_store(settings: Settings) -> str:
     """The state store `make_store` makes, in words for the start log (no password)."""
-    if settings.redis_url:
-        kind = "Redis Cluster (seed node)" if settings.redis_cluster else "Redis"
-        return (
-            f"{kind} at {redact_url(settings.redis_url)}, namespace {settings.namespace!r} "
-            f"when auth is off, command timeout {settings.redis_timeout_s:g}s"
+    if settings.redis_sentinel:
+        where = (
+            f"Redis via Sentinel {settings.redis_sentinel} (service {settings.redis_service}, "
+            "the master a majority of them agree on)"
         )
-    return "memory (in this process: sessions do not survive a restart and are not shared)"
+    elif settings.redis_url:
+        kind = "Redis Cluster (seed node)" if settings.redis_cluster else "Redis"
+        where = f"{kind} at {redact_url(settings.redis_url)}"
+    else:
+        return "memory (in this process: sessions do not survive a restart and are not shared)"
+    n = settings.redis_min_replicas_ack
+    acks = (
+        f"every write waits for {n} replica(s) (up to "
+        f"{settings.redis_replicas_ack_timeout_ms} ms)"
+        if n
+        else "writes are not waited for on replicas (redis_min_replicas_ack 0)"
+    )
+    return (
+        f"{where}, namespace {settings.namespace!r} when auth is off, command timeout "
+        f"{settings.redis_timeout_s:g}s; {acks}"
+    )
 
 
 def describe_models(engine: SessionEngine) -> str:

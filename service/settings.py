@@ -99,6 +99,27 @@ class Settings(BaseSettings):
     redis_cluster: bool = Field(
         False, description="redis_url is a node of a Redis Cluster (Redis >= 7)"
     )
+    redis_sentinel: str | None = Field(
+        None,
+        description="host:port,... of Redis Sentinels (with redis_service; instead of "
+        "redis_url): the master is the one a majority of them agree on",
+    )
+    redis_service: str | None = Field(
+        None, description="the master's name the Sentinels monitor (with redis_sentinel)"
+    )
+    redis_min_replicas_ack: int = Field(
+        0,
+        ge=0,
+        description="replicas every write must reach (WAIT N, in the write's round trip) "
+        "before a step is acknowledged; fewer within the timeout: UNAVAILABLE. 0: none "
+        "waited for (a failover may lose acknowledged steps)",
+    )
+    redis_replicas_ack_timeout_ms: int = Field(
+        250,
+        ge=1,
+        description="how long a write waits for redis_min_replicas_ack replicas; below "
+        "redis_timeout_s",
+    )
     redis_timeout_s: float = Field(
         2.0,
         gt=0,
@@ -164,6 +185,31 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("mTLS (tls_client_ca_file) needs tls_cert_file and tls_key_file")
+        return self
+
+    @model_validator(mode="after")
+    def _store_settings(self) -> Settings:
+        if (self.redis_sentinel is None) != (self.redis_service is None):
+            raise ValueError("redis_sentinel and redis_service go together")
+        if self.redis_sentinel is not None:
+            from rnnserve.service.store._sentinel import parse_sentinels
+
+            parse_sentinels(self.redis_sentinel)  # names a bad address
+            if self.redis_url is not None:
+                raise ValueError("give redis_url or redis_sentinel, not both")
+            if self.redis_cluster:
+                raise ValueError("redis_cluster takes redis_url (a node), not redis_sentinel")
+        if self.redis_min_replicas_ack and self.redis_url is None and self.redis_sentinel is None:
+            raise ValueError(
+                "redis_min_replicas_ack needs a Redis store (redis_url or redis_sentinel): "
+                "the memory store has no replicas"
+            )
+        if self.redis_replicas_ack_timeout_ms >= self.redis_timeout_s * 1000:
+            raise ValueError(
+                f"redis_replicas_ack_timeout_ms ({self.redis_replicas_ack_timeout_ms}) must be "
+                f"below redis_timeout_s ({self.redis_timeout_s:g} s): the socket would time "
+                "out before WAIT answers"
+            )
         return self
 
 

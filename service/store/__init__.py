@@ -12,9 +12,11 @@ from ._base import Commit, StateStore, check_session_id, key_prefix, session_key
 from ._cluster import RedisClusterStore
 from ._memory import MemoryStore
 from ._redis import COMMIT_SCRIPT, RedisStore
+from ._sentinel import AgreedSentinel, parse_sentinels
 
 __all__ = [
     "COMMIT_SCRIPT",
+    "AgreedSentinel",
     "Commit",
     "MemoryStore",
     "RedisClusterStore",
@@ -22,5 +24,6 @@ __all__ = [
     "StateStore",
     "check_session_id",
     "key_prefix",
+    "parse_sentinels",
     "session_key",
 ]

@@ -57,7 +57,14 @@ class Commit:
 @runtime_checkable
 class StateStore(Protocol):
     """Session records by key. Every method raises `StoreUnavailable` when the backend
-    cannot be reached; a failed `commit_many` has applied all of its commits or none."""
+    cannot be reached; a failed `commit_many` has applied all of its commits or none
+    (on a Redis Cluster: per node; `PartialStoreFailure` names the keys that failed).
+
+    `min_replicas_ack`: how many replicas every write must reach before it returns
+    (0: none waited for). A write that reached fewer raises `StoreUnavailable`
+    although it may have landed on the master."""
+
+    min_replicas_ack: int
 
     async def ping(self) -> None:
         """Return once the store answers (raises `StoreUnavailable` when it does not)."""

@@ -8,11 +8,17 @@ compare-and-set script (commit), both with the `allow-cross-slot-keys` flag (Red
 7+) and the keys passed as arguments, sent to that node directly. The groups run
 concurrently, so a batch costs one round trip per node, in parallel.
 
-Each node's commit script is atomic; a batch spread over nodes is not. If one
-node fails, the batch raises `StoreUnavailable` although the other nodes' commits
-may have landed: a retry with the same `seq` and request id is then replayed from
-the stored reply (as for a lost reply on one Redis). A MOVED/ASK reply (slots
-migrating, a failover) refreshes the slot map and is `StoreUnavailable` too.
+Each node's commit script is atomic; a batch spread over nodes is not. A node that
+fails (dead, cut off, failing over) fails only its own keys: the call raises
+`PartialStoreFailure` naming them, with the other nodes' answers, so only the steps
+of sessions on that node fail UNAVAILABLE (their commit may have landed: a retry
+with the same `seq` and request id is then replayed from the stored reply). A
+MOVED/ASK reply, or a script refused for a "non local key" (a stale slot map after
+a failover or a resharding), refreshes the slot map and is `StoreUnavailable` too.
+
+Durability (`min_replicas_ack=N`): each node's commit is pipelined with `WAIT N
+timeout` on the same connection (one round trip per node, as without it); a node
+whose replicas did not confirm in time fails its keys as above.
 """
 
 from __future__ import annotations
@@ -24,13 +30,13 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar, cast
 
 import redis.exceptions as rexc
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from ..errors import Internal, StoreUnavailable
+from ..errors import Internal, PartialStoreFailure, RnnserveError, StoreUnavailable
 from ._base import Commit
-from ._redis import _UNAVAILABLE
+from ._redis import _UNAVAILABLE, check_acked
 
 logger = logging.getLogger(__name__)
 
@@ -72,16 +78,34 @@ _TOPOLOGY_CHANGED: tuple[type[BaseException], ...] = (
     rexc.RedisClusterException,
 )
 
+# Error replies of a node that no longer owns a key's slot (its slot map is stale).
+_STALE_SLOT_MAP = ("non local key", "MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN")
+
+
+def _stale_slot_map(exc: BaseException) -> bool:
+    return isinstance(exc, rexc.ResponseError) and any(m in str(exc) for m in _STALE_SLOT_MAP)
+
 
 class RedisClusterStore:
     """The `StateStore` over a Redis Cluster (Redis >= 7): keys grouped by node."""
 
-    def __init__(self, client: RedisCluster, *, op_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        client: RedisCluster,
+        *,
+        op_timeout_s: float = 5.0,
+        min_replicas_ack: int = 0,
+        replicas_ack_timeout_ms: int = 250,
+    ) -> None:
+        if min_replicas_ack < 0 or replicas_ack_timeout_ms < 1:
+            raise ValueError("min_replicas_ack must be >= 0 and replicas_ack_timeout_ms >= 1")
         self._client = client
         self._op_timeout_s = op_timeout_s
         self._load = client.register_script(LOAD_SCRIPT)
         self._commit = client.register_script(CLUSTER_COMMIT_SCRIPT)
         self._refresh: asyncio.Task[None] | None = None
+        self.min_replicas_ack = min_replicas_ack
+        self.replicas_ack_timeout_ms = replicas_ack_timeout_ms
 
     @classmethod
     def from_url(
@@ -92,6 +116,8 @@ class RedisClusterStore:
         connect_timeout_s: float = 1.0,
         op_timeout_s: float = 5.0,
         max_connections: int = 64,
+        min_replicas_ack: int = 0,
+        replicas_ack_timeout_ms: int = 250,
         **kwargs: Any,
     ) -> RedisClusterStore:
         """`url` names any node of the cluster; the others are discovered from it."""
@@ -103,29 +129,38 @@ class RedisClusterStore:
             retry=Retry(NoBackoff(), 1),
             **kwargs,
         )
-        return cls(client, op_timeout_s=op_timeout_s)
+        return cls(
+            client,
+            op_timeout_s=op_timeout_s,
+            min_replicas_ack=min_replicas_ack,
+            replicas_ack_timeout_ms=replicas_ack_timeout_ms,
+        )
 
     @property
     def client(self) -> RedisCluster:
         return self._client
+
+    def _translate(self, what: str, exc: BaseException) -> RnnserveError:
+        """A redis-py error as the store's error (refreshing the slot map if it is stale)."""
+        if isinstance(exc, RnnserveError):
+            return exc
+        message = f"redis cluster {what} failed: {type(exc).__name__}: {exc}"
+        if isinstance(exc, _TOPOLOGY_CHANGED + _UNAVAILABLE) or _stale_slot_map(exc):
+            self._refresh_slots()
+            return StoreUnavailable(message)
+        if isinstance(exc, asyncio.TimeoutError):
+            return StoreUnavailable(message)
+        return Internal(message)
 
     @asynccontextmanager
     async def _call(self, what: str) -> AsyncIterator[None]:
         try:
             async with asyncio.timeout(self._op_timeout_s):
                 yield
-        except _TOPOLOGY_CHANGED as exc:
-            self._refresh_slots()
-            raise StoreUnavailable(
-                f"redis cluster {what} failed: {type(exc).__name__}: {exc}"
-            ) from exc
-        except _UNAVAILABLE as exc:
-            self._refresh_slots()
-            raise StoreUnavailable(
-                f"redis cluster {what} failed: {type(exc).__name__}: {exc}"
-            ) from exc
         except rexc.RedisError as exc:
-            raise Internal(f"redis cluster {what} failed: {type(exc).__name__}: {exc}") from exc
+            raise self._translate(what, exc) from exc
+        except _UNAVAILABLE as exc:
+            raise self._translate(what, exc) from exc
 
     def _refresh_slots(self) -> None:
         """Re-read the slot map in the background (once at a time)."""
@@ -153,17 +188,47 @@ class RedisClusterStore:
             groups.setdefault(node.name, (node, []))[1].append(i)
         return groups
 
-    async def _script_on(self, node: ClusterNode, script: Any, args: list[Any]) -> Any:
+    async def _pipeline_on(self, node: ClusterNode, *commands: tuple[Any, ...]) -> list[Any]:
+        """`commands` sent to `node` in one write, their replies read in order (an error
+        reply is its exception, in place)."""
+        pending = [PipelineCommand(k, *command) for k, command in enumerate(commands)]
+        await node.execute_pipeline(pending)  # type: ignore[arg-type]
+        return [command.result for command in pending]
+
+    async def _on_node(self, node: ClusterNode, what: str, *command: Any) -> Any:
+        """`command` on `node`, followed there by `WAIT` when `min_replicas_ack`: one
+        round trip. Raises the command's error reply, or `StoreUnavailable` when too
+        few of the node's replicas confirmed the write."""
+        if not self.min_replicas_ack:
+            return await self._client.execute_command(*command, target_nodes=node)
+        wait = ("WAIT", self.min_replicas_ack, self.replicas_ack_timeout_ms)
+        reply, acked = await self._pipeline_on(node, command, wait)
+        if isinstance(reply, BaseException):
+            raise reply
+        if isinstance(acked, BaseException):
+            raise acked
+        check_acked(
+            f"{what} on {node.name}",
+            int(acked),
+            self.min_replicas_ack,
+            self.replicas_ack_timeout_ms,
+        )
+        return reply
+
+    async def _script_on(
+        self, node: ClusterNode, script: Any, args: list[Any], *, write: bool = False
+    ) -> Any:
         """EVALSHA on `node` (loading the script there on NOSCRIPT): one round trip."""
+        what = "commit" if write else "load"
+        call = self._on_node if write else self._read_on
         try:
-            return await self._client.execute_command(
-                "EVALSHA", script.sha, 0, *args, target_nodes=node
-            )
+            return await call(node, what, "EVALSHA", script.sha, 0, *args)
         except rexc.NoScriptError:
             await self._client.execute_command("SCRIPT LOAD", script.script, target_nodes=node)
-            return await self._client.execute_command(
-                "EVALSHA", script.sha, 0, *args, target_nodes=node
-            )
+            return await call(node, what, "EVALSHA", script.sha, 0, *args)
+
+    async def _read_on(self, node: ClusterNode, what: str, *command: Any) -> Any:
+        return await self._client.execute_command(*command, target_nodes=node)
 
     async def _per_node(
         self,
@@ -171,16 +236,41 @@ class RedisClusterStore:
         keys: Sequence[str],
         call: Callable[[ClusterNode, list[int]], Awaitable[list[T]]],
     ) -> list[T]:
+        """`call` once per node (concurrently) with the indices of its keys. A node that
+        fails fails its keys only: `PartialStoreFailure` when others answered."""
         await self._initialized()
-        groups = self._by_node(keys)
-        async with self._call(what):
-            replies = await asyncio.gather(*(call(node, idx) for node, idx in groups.values()))
-        results: list[T | None] = [None] * len(keys)
-        for (_, indices), reply in zip(groups.values(), replies, strict=True):
+        groups = list(self._by_node(keys).values())
+
+        async def bounded(node: ClusterNode, indices: list[int]) -> list[T]:
+            async with self._call(f"{what} on {node.name}"):
+                return await call(node, indices)
+
+        replies = await asyncio.gather(
+            *(bounded(node, idx) for node, idx in groups), return_exceptions=True
+        )
+        results: list[Any] = [None] * len(keys)
+        failed: dict[int, StoreUnavailable] = {}
+        first: BaseException | None = None
+        for (_, indices), reply in zip(groups, replies, strict=True):
+            if isinstance(reply, BaseException):
+                if not isinstance(reply, StoreUnavailable):
+                    raise reply  # INTERNAL (a bug, a refused script): the whole call
+                first = first or reply
+                failed.update(dict.fromkeys(indices, reply))
+                continue
             if len(reply) != len(indices):
                 raise Internal(f"redis cluster {what}: {len(reply)} replies for {len(indices)}")
             for i, value in zip(indices, reply, strict=True):
                 results[i] = value
+        if first is not None:
+            if len(failed) == len(keys):
+                raise first
+            nodes = sorted({str(e) for e in failed.values()})
+            raise PartialStoreFailure(
+                f"{len(failed)} of {len(keys)} key(s) failed: {'; '.join(nodes)}",
+                results=results,
+                failed=failed,
+            )
         return cast(list[T], results)
 
     async def ping(self) -> None:
@@ -209,19 +299,26 @@ class RedisClusterStore:
             for i in indices:
                 c = commits[i]
                 args += (c.key, c.token, c.value, max(1, int(c.ttl_s * 1000)))
-            reply = await self._script_on(node, self._commit, args)
+            reply = await self._script_on(node, self._commit, args, write=True)
             return [bool(flag) for flag in reply]
 
         return await self._per_node("commit script", [c.key for c in commits], commit)
+
+    def _node_of(self, key: str) -> ClusterNode:
+        return self._client.nodes_manager.get_node_from_slot(self._client.keyslot(key))
 
     async def put(
         self, key: str, value: bytes, ttl_s: float, *, only_if_absent: bool = False
     ) -> bool:
         await self._initialized()
+        px = max(1, int(ttl_s * 1000))
         async with self._call("SET"):
-            done = await self._client.set(
-                key, value, px=max(1, int(ttl_s * 1000)), nx=only_if_absent
-            )
+            if self.min_replicas_ack:
+                nx = ("NX",) if only_if_absent else ()
+                node = self._node_of(key)
+                done = await self._on_node(node, "SET", "SET", key, value, "PX", px, *nx)
+            else:
+                done = await self._client.set(key, value, px=px, nx=only_if_absent)
         return bool(done)
 
     async def get(self, key: str) -> bytes | None:
@@ -233,7 +330,10 @@ class RedisClusterStore:
     async def delete(self, key: str) -> bool:
         await self._initialized()
         async with self._call("DEL"):
-            removed = await self._client.delete(key)
+            if self.min_replicas_ack:
+                removed = await self._on_node(self._node_of(key), "DEL", "DEL", key)
+            else:
+                removed = await self._client.delete(key)
         return bool(removed)
 
     async def ttl(self, key: str) -> float | None:

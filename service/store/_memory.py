@@ -18,6 +18,9 @@ class MemoryStore:
     `clock` is a monotonic seconds function (tests pass a fake one).
     """
 
+    #: Replicas a write must reach before it is acknowledged: none in this process.
+    min_replicas_ack = 0
+
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._data: dict[str, tuple[bytes, float]] = {}

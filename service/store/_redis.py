@@ -6,6 +6,18 @@ batch's commit lands whole or not at all; if its reply is lost (timeout, connect
 reset) the caller cannot tell which, and reports `StoreUnavailable` (the engine
 detects its own commit on the next load by the stored request id).
 
+Sentinel (`from_sentinel`): the same store over a pool whose connections go to the
+master that a majority of the Sentinels agree on (`_sentinel.AgreedSentinel`); after
+a failover, broken connections reconnect to the new master.
+
+Durability (`min_replicas_ack=N`): Redis replicates asynchronously, so a write the
+master acknowledged can vanish when a replica is promoted. With N > 0 every write is
+followed by `WAIT N timeout` in the same round trip (a pipeline on one connection),
+and is acknowledged only when N replicas confirmed it; otherwise it raises
+`StoreUnavailable` naming the shortfall (the write may have landed on the master: a
+retry with the same seq and request id is then a replay, itself re-written and
+waited for by the runner).
+
 Redis Cluster is `RedisClusterStore` (`_cluster.py`): keys grouped by node, one
 load script and one commit script call per node per batch.
 """
@@ -25,6 +37,7 @@ from redis.backoff import NoBackoff
 
 from ..errors import Internal, StoreUnavailable
 from ._base import Commit
+from ._sentinel import sentinel_client
 
 logger = logging.getLogger(__name__)
 
@@ -57,16 +70,30 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 class RedisStore:
     """The `StateStore` over one Redis (standalone or behind Sentinel).
 
-    Give it a client or use `from_url`, which sets short socket timeouts and a single
-    immediate retry: enough to replace a pooled connection that died with a restarted
-    server, never long enough to hang a request while Redis is down. `op_timeout_s`
-    bounds every call on top of the socket timeouts.
+    Give it a client or use `from_url` / `from_sentinel`, which set short socket
+    timeouts and a single immediate retry: enough to replace a pooled connection that
+    died with a restarted server, never long enough to hang a request while Redis is
+    down. `op_timeout_s` bounds every call on top of the socket timeouts.
+    `min_replicas_ack` / `replicas_ack_timeout_ms`: see the module's "Durability".
     """
 
-    def __init__(self, client: aioredis.Redis, *, op_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        op_timeout_s: float = 5.0,
+        min_replicas_ack: int = 0,
+        replicas_ack_timeout_ms: int = 250,
+        closing: Sequence[Any] = (),
+    ) -> None:
+        if min_replicas_ack < 0 or replicas_ack_timeout_ms < 1:
+            raise ValueError("min_replicas_ack must be >= 0 and replicas_ack_timeout_ms >= 1")
         self._client = client
         self._op_timeout_s = op_timeout_s
         self._script = client.register_script(COMMIT_SCRIPT)
+        self.min_replicas_ack = min_replicas_ack
+        self.replicas_ack_timeout_ms = replicas_ack_timeout_ms
+        self._closing = list(closing)
 
     @classmethod
     def from_url(
@@ -77,6 +104,8 @@ class RedisStore:
         connect_timeout_s: float = 1.0,
         op_timeout_s: float = 5.0,
         max_connections: int = 64,
+        min_replicas_ack: int = 0,
+        replicas_ack_timeout_ms: int = 250,
         **kwargs: Any,
     ) -> RedisStore:
         # A blocking pool: beyond max_connections concurrent calls wait for a free
@@ -91,7 +120,44 @@ class RedisStore:
             **kwargs,
         )
         client = aioredis.Redis.from_pool(pool)
-        return cls(client, op_timeout_s=op_timeout_s)
+        return cls(
+            client,
+            op_timeout_s=op_timeout_s,
+            min_replicas_ack=min_replicas_ack,
+            replicas_ack_timeout_ms=replicas_ack_timeout_ms,
+        )
+
+    @classmethod
+    def from_sentinel(
+        cls,
+        sentinels: Sequence[tuple[str, int]],
+        service: str,
+        *,
+        socket_timeout_s: float = 2.0,
+        connect_timeout_s: float = 1.0,
+        op_timeout_s: float = 5.0,
+        max_connections: int = 64,
+        min_replicas_ack: int = 0,
+        replicas_ack_timeout_ms: int = 250,
+        **kwargs: Any,
+    ) -> RedisStore:
+        """The master of `service`, as a majority of `sentinels` (host, port) name it."""
+        client, sentinel = sentinel_client(
+            sentinels,
+            service,
+            socket_timeout_s=socket_timeout_s,
+            connect_timeout_s=connect_timeout_s,
+            pool_timeout_s=op_timeout_s,
+            max_connections=max_connections,
+            **kwargs,
+        )
+        return cls(
+            client,
+            op_timeout_s=op_timeout_s,
+            min_replicas_ack=min_replicas_ack,
+            replicas_ack_timeout_ms=replicas_ack_timeout_ms,
+            closing=[s for s in sentinel.sentinels],
+        )
 
     @property
     def client(self) -> aioredis.Redis:
@@ -106,6 +172,21 @@ class RedisStore:
             raise StoreUnavailable(f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
         except rexc.RedisError as exc:
             raise Internal(f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
+
+    async def _durably(self, what: str, *command: Any) -> Any:
+        """`command` then `WAIT min_replicas_ack timeout`, pipelined on one connection
+        (one round trip); the command's reply, or `StoreUnavailable` when fewer
+        replicas confirmed it in time. Call inside `_call`."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.execute_command(*command)
+        pipe.execute_command("WAIT", self.min_replicas_ack, self.replicas_ack_timeout_ms)
+        reply, acked = await pipe.execute(raise_on_error=False)
+        if isinstance(reply, BaseException):
+            raise reply
+        if isinstance(acked, BaseException):
+            raise acked
+        check_acked(what, int(acked), self.min_replicas_ack, self.replicas_ack_timeout_ms)
+        return reply
 
     async def ping(self) -> None:
         """Check the connection and load the commit script (so batches use EVALSHA only)."""
@@ -128,16 +209,32 @@ class RedisStore:
         for c in commits:
             args += (c.token, c.value, max(1, int(c.ttl_s * 1000)))
         async with self._call("commit script"):
-            result = await self._script(keys=keys, args=args)
+            if self.min_replicas_ack:
+                result = await self._durable_script(keys, args)
+            else:
+                result = await self._script(keys=keys, args=args)
         return [bool(flag) for flag in result]
+
+    async def _durable_script(self, keys: list[str], args: list[bytes | int]) -> Any:
+        if not self._script.sha:
+            self._script.sha = await self._client.script_load(COMMIT_SCRIPT)
+        command = ("EVALSHA", self._script.sha, len(keys), *keys, *args)
+        try:
+            return await self._durably("commit", *command)
+        except rexc.NoScriptError:  # a new master (failover) or a restarted Redis
+            self._script.sha = await self._client.script_load(COMMIT_SCRIPT)
+            return await self._durably("commit", *command)
 
     async def put(
         self, key: str, value: bytes, ttl_s: float, *, only_if_absent: bool = False
     ) -> bool:
+        px = max(1, int(ttl_s * 1000))
         async with self._call("SET"):
-            done = await self._client.set(
-                key, value, px=max(1, int(ttl_s * 1000)), nx=only_if_absent
-            )
+            if self.min_replicas_ack:
+                nx = ("NX",) if only_if_absent else ()
+                done = await self._durably("SET", "SET", key, value, "PX", px, *nx)
+            else:
+                done = await self._client.set(key, value, px=px, nx=only_if_absent)
         return bool(done)
 
     async def get(self, key: str) -> bytes | None:
@@ -147,7 +244,10 @@ class RedisStore:
 
     async def delete(self, key: str) -> bool:
         async with self._call("DEL"):
-            removed = await self._client.delete(key)
+            if self.min_replicas_ack:
+                removed = await self._durably("DEL", "DEL", key)
+            else:
+                removed = await self._client.delete(key)
         return bool(removed)
 
     async def ttl(self, key: str) -> float | None:
@@ -156,7 +256,19 @@ class RedisStore:
         return None if ms < 0 else ms / 1000.0
 
     async def aclose(self) -> None:
-        try:
-            await self._client.aclose()
-        except _UNAVAILABLE:  # closing a pool whose server is gone
-            logger.debug("closing redis client", exc_info=True)
+        for client in [self._client, *self._closing]:
+            try:
+                await client.aclose()
+            except _UNAVAILABLE:  # closing a pool whose server is gone
+                logger.debug("closing redis client", exc_info=True)
+
+
+def check_acked(what: str, acked: int, required: int, timeout_ms: int) -> None:
+    """`StoreUnavailable` when a write reached fewer replicas than required."""
+    if acked < required:
+        raise StoreUnavailable(
+            f"redis {what}: the write reached {acked} of the {required} replica(s) "
+            f"that --redis-min-replicas-ack requires within {timeout_ms} ms, so it is not "
+            "acknowledged (it may be applied: a retry with the same seq and request id "
+            "is answered once)"
+        )

@@ -157,8 +157,12 @@ def test_failed_precondition_names_the_current_seq(stub: pb_grpc.RecurrentStub) 
     stub.Step(step_request(session_id, seq=0, request_id="a"))
     stub.Step(step_request(session_id, seq=1, request_id="b"))
     error = rpc_error(stub.Step, step_request(session_id, seq=5, request_id="c"))
+    # A seq ahead of the store's: steps the client was acknowledged are missing.
     assert_status(
-        error, grpc.StatusCode.FAILED_PRECONDITION, "is at seq 2", "the step expected seq 5"
+        error,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "is at seq 2 but this step expected seq 5",
+        "steps 3 to 5 are missing from the state store",
     )
     # A stale seq with a new request id is not a retry either.
     error = rpc_error(stub.Step, step_request(session_id, seq=1, request_id="d"))

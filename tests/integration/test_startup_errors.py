@@ -82,6 +82,11 @@ def test_unreadable_tls_files(repo: Path, tmp_path: Path) -> None:
     assert_one_error_line(done, 1, f"cannot read the TLS key file {missing}")
 
 
+def test_bad_store_settings(repo: Path) -> None:
+    done = serve("--model-repository", str(repo), "--port", "0", "--redis-min-replicas-ack", "1")
+    assert_one_error_line(done, 2, "the memory store has no replicas")
+
+
 def test_bad_setting(repo: Path) -> None:
     done = serve("--model-repository", str(repo), "--port", "0",
                  env={"RNNSERVE_MAX_BATCH_SIZE": "lots"})  # fmt: skip
