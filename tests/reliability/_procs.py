@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -87,23 +88,36 @@ class RedisProcess:
             self.process.wait(timeout=10)
         self.process = None
 
+    def stop(self) -> None:
+        """SIGSTOP: the process is frozen (its sockets stay open, nothing answers)."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGSTOP)
+
+    def cont(self) -> None:
+        """SIGCONT after `stop` (harmless otherwise)."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGCONT)
+
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=5)
 
 
 @contextlib.contextmanager
-def redis_cluster(directory: Path, masters: int = 3) -> Iterator[list[RedisProcess]]:
-    """`masters` redis-servers with cluster mode on, joined by `redis-cli --cluster create`."""
+def redis_cluster(
+    directory: Path, masters: int = 3, *, replicas: int = 0, node_timeout_ms: int = 5000
+) -> Iterator[list[RedisProcess]]:
+    """`masters` redis-servers with cluster mode on (and `replicas` replicas of each),
+    joined by `redis-cli --cluster create`. The list holds the masters first."""
     nodes = []
     try:
-        for i in range(masters):
+        for i in range(masters * (1 + replicas)):
             node = RedisProcess(
                 directory / f"node{i}",
                 extra=(
                     "--cluster-enabled", "yes",
                     "--cluster-config-file", str(directory / f"node{i}" / "nodes.conf"),
                     "--cluster-port", str(free_port()),
-                    "--cluster-node-timeout", "5000",
+                    "--cluster-node-timeout", str(node_timeout_ms),
                 ),
             )  # fmt: skip
             node.start()
@@ -113,7 +127,7 @@ def redis_cluster(directory: Path, masters: int = 3) -> Iterator[list[RedisProce
                 _binary("redis-cli"),
                 "--cluster", "create",
                 *(f"127.0.0.1:{n.port}" for n in nodes),
-                "--cluster-replicas", "0",
+                "--cluster-replicas", str(replicas),
                 "--cluster-yes",
             ],
             check=True,
@@ -123,15 +137,167 @@ def redis_cluster(directory: Path, masters: int = 3) -> Iterator[list[RedisProce
         deadline = time.monotonic() + 30
         for node in nodes:
             client = node.client()
-            while client.cluster("info")["cluster_state"] != "ok":
+            while client.cluster("info")["cluster_state"] != "ok" or (
+                replicas and node in nodes[:masters] and _connected_replicas(client) < replicas
+            ):
                 if time.monotonic() > deadline:
                     raise RuntimeError("redis cluster did not reach state ok")
                 time.sleep(0.1)
             client.close()
+        # `--cluster create` picks which node becomes a master: put the masters first.
+        roles = {n.port: n.client().info("replication")["role"] for n in nodes}
+        nodes.sort(key=lambda n: roles[n.port] != "master")
         yield nodes
     finally:
         for node in nodes:
+            node.cont()
             node.kill()
+
+
+def _connected_replicas(client: redis.Redis) -> int:
+    return int(client.info("replication").get("connected_slaves", 0))
+
+
+class SentinelGroup:
+    """A master, `replicas` replicas and `sentinels` Sentinels (quorum: a majority),
+    all private processes on loopback ports; the service is named `service`."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        replicas: int = 2,
+        sentinels: int = 3,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 5000,
+        service: str = "rnnserve",
+    ) -> None:
+        self.dir = directory
+        self.service = service
+        self.master = RedisProcess(directory / "master")
+        self.replicas = [RedisProcess(directory / f"replica{i}") for i in range(replicas)]
+        self.sentinel_ports = [free_port() for _ in range(sentinels)]
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+
+    @property
+    def addresses(self) -> str:
+        """`host:port,...` of the Sentinels (the `--redis-sentinel` value)."""
+        return ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+
+    def __enter__(self) -> SentinelGroup:
+        try:
+            self.master.start()
+            for replica in self.replicas:
+                replica.extra = ("--replicaof", "127.0.0.1", str(self.master.port))
+                replica.start()
+            wait_replicas(self.master, len(self.replicas))
+            quorum = len(self.sentinel_ports) // 2 + 1
+            for i, port in enumerate(self.sentinel_ports):
+                folder = self.dir / f"sentinel{i}"
+                folder.mkdir(parents=True, exist_ok=True)
+                conf = folder / "sentinel.conf"
+                conf.write_text(
+                    f"port {port}\nbind 127.0.0.1\ndir {folder}\n"
+                    f"logfile {folder / 'sentinel.log'}\n"
+                    f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} {quorum}\n"
+                    f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+                    f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}\n"
+                    f"sentinel parallel-syncs {self.service} {len(self.replicas)}\n"
+                )
+                process = subprocess.Popen(
+                    [_binary("redis-server"), str(conf), "--sentinel"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                self.sentinels.append(process)
+                _wait_ping(port, process)
+            self.wait_agreed(self.master.port)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for process in self.sentinels:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=10)
+        for server in [self.master, *self.replicas]:
+            server.cont()
+            server.kill()
+
+    def named_masters(self) -> list[int | None]:
+        """The master port each Sentinel names now (None: it does not answer)."""
+        ports: list[int | None] = []
+        for port in self.sentinel_ports:
+            client = redis.Redis(port=port, socket_timeout=1)
+            try:
+                ports.append(int(client.sentinel_get_master_addr_by_name(self.service)[1]))
+            except (redis.RedisError, TypeError):
+                ports.append(None)
+            finally:
+                client.close()
+        return ports
+
+    def wait_agreed(self, port: int | None = None, timeout_s: float = 30) -> int:
+        """Wait until every Sentinel names the same master (`port`, if given), and each
+        knows the others and the replicas; returns its port."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            named = self.named_masters()
+            if named[0] is not None and len(set(named)) == 1 and port in (None, named[0]):
+                states = []
+                for sentinel_port in self.sentinel_ports:
+                    client = redis.Redis(port=sentinel_port, socket_timeout=1)
+                    try:
+                        states.append(client.sentinel_master(self.service))
+                    finally:
+                        client.close()
+                if all(
+                    s["num-other-sentinels"] == len(self.sentinel_ports) - 1
+                    and s["num-slaves"] >= len(self.replicas)
+                    for s in states
+                ):
+                    return int(named[0])
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the sentinels do not agree on a master: {named}")
+            time.sleep(0.1)
+
+    def wait_agreed_change(self, old_port: int, timeout_s: float = 30) -> int:
+        """Wait until a majority of the Sentinels name a master other than `old_port`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            named = [p for p in self.named_masters() if p is not None and p != old_port]
+            if named and named.count(named[0]) > len(self.sentinel_ports) // 2:
+                return named[0]
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no new master named: {self.named_masters()}")
+            time.sleep(0.05)
+
+    def server(self, port: int) -> RedisProcess:
+        return next(s for s in [self.master, *self.replicas] if s.port == port)
+
+
+def wait_replicas(master: RedisProcess, count: int, timeout_s: float = 30) -> None:
+    """Wait until `master` has `count` replicas connected and in sync."""
+    client = master.client()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            info = client.info("replication")
+            online = [
+                v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)
+                and v.get("state") == "online"
+            ]  # fmt: skip
+            if len(online) >= count:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(online)} of {count} replicas in sync")
+            time.sleep(0.05)
+    finally:
+        client.close()
 
 
 def commandstats(client: redis.Redis) -> dict[str, int]:

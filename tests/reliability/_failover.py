@@ -1,0 +1,184 @@
+"""What the failover tests share: a counting model, the load of many sessions, and the
+count of what was acknowledged, lost and duplicated.
+
+The model `count` adds its input to its one state and outputs the new state: every
+step sends 1, so a session at seq s holds s, and the reply of the step that made
+seq s outputs s. A step applied twice, or applied on an older state than its seq
+says, shows as a state or an output that differs from the seq.
+
+Each session steps with `seq` and a request id per seq, as the SDK does: on
+UNAVAILABLE it retries the same step (a replay if it had landed); on
+`SessionRolledBack` (FAILED_PRECONDITION "... but this step expected seq ...") the
+store lost steps it had acknowledged: they are counted as lost and the session goes
+on from the stored seq. At the end every session's record is read back: a stored
+seq behind the last acknowledged one is a loss nobody noticed (there must be none).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import keras
+import numpy as np
+from grpc import aio
+
+from rnnserve.core import RecurrentModel
+from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
+from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
+from rnnserve.service.wire import decode_tensor, encode_tensor
+
+_ROLLED_BACK = re.compile(r"is at seq (\d+) but this step expected seq (\d+)")
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def write_counter_repository(root: Path) -> Path:
+    """`root/count/1`: state c, input x (1 float each); c' = c + x, output c'."""
+    x = keras.Input((1,), name="x")
+    c = keras.Input((1,), name="c")
+    total = keras.layers.Add(name="add")([x, c])
+    out = keras.layers.Identity(name="total")(total)
+    rnn = RecurrentModel(
+        sequence_inputs=x,
+        state_inputs=c,
+        sequence_outputs=out,
+        state_outputs=total,
+        return_sequences=True,
+        name="count_rnn",
+    )
+    xs = keras.Input((None, 1), name="xs")
+    folder = root / "count" / "1"
+    folder.mkdir(parents=True, exist_ok=True)
+    keras.Model(xs, rnn(xs), name="count_model").save(folder / "model.keras")
+    (folder / "config.yaml").write_text("max_batch_size: 64\nmax_queue_delay_ms: 2\n")
+    return root
+
+
+@dataclass
+class Figures:
+    """What one load saw; `lost` counts acknowledged steps the store no longer has."""
+
+    sessions: int
+    steps: int
+    acknowledged: int = 0
+    lost: int = 0
+    rolled_back: int = 0  # SessionRolledBack answers (each names `missing` lost steps)
+    duplicated: int = 0  # replies or records whose count differs from their seq
+    unavailable: int = 0  # UNAVAILABLE / DEADLINE_EXCEEDED answers (retried)
+    errors_by_session: list[int] = field(default_factory=list)
+    unnoticed: int = 0  # lost steps found only by reading the records at the end
+    first_error_at: float | None = None  # time.monotonic() of the first error answer
+    last_error_at: float | None = None
+
+    def line(self, name: str) -> str:
+        return (
+            f"{name}: {self.sessions} sessions x {self.steps} steps: {self.acknowledged} "
+            f"acknowledged, {self.lost} lost ({self.rolled_back} SessionRolledBack answers, "
+            f"{self.unnoticed} unnoticed), {self.duplicated} duplicated, "
+            f"{self.unavailable} UNAVAILABLE answers retried"
+        )
+
+
+def _stub(address: str) -> tuple[aio.Channel, pb_grpc.RecurrentStub]:
+    channel = aio.insecure_channel(address)
+    return channel, pb_grpc.RecurrentStub(channel)
+
+
+async def start_sessions(address: str, ids: list[str]) -> None:
+    channel, stub = _stub(address)
+    async with channel:
+        for session in ids:
+            await stub.StartSession(
+                pb.StartSessionRequest(model="count", session_id=session), timeout=30
+            )
+
+
+async def drive(
+    address: str,
+    ids: list[str],
+    steps: int,
+    *,
+    fault: Callable[[], Awaitable[None]],
+    fault_after: int,
+    timeout_s: float = 120.0,
+    step_timeout_s: float = 3.0,
+) -> Figures:
+    """Step every session `steps` times; once `fault_after` steps in all are
+    acknowledged, run `fault` (concurrently with the load) and go on until every
+    session is at `steps` (or `timeout_s` passes: an AssertionError)."""
+    figures = Figures(len(ids), steps, errors_by_session=[0] * len(ids))
+    acked_seq = [0] * len(ids)
+    one = encode_tensor("x", np.ones(1, np.float32))
+    fault_started = asyncio.Event()
+    fault_task: asyncio.Task[None] | None = None
+    channel, stub = _stub(address)
+
+    def error_now() -> None:
+        now = time.monotonic()
+        figures.first_error_at = figures.first_error_at if figures.first_error_at else now
+        figures.last_error_at = now
+
+    async def session(k: int) -> None:
+        nonlocal fault_task
+        sid = ids[k]
+        seq = 0
+        while seq < steps:
+            request = pb.StepRequest(
+                model="count", session_id=sid, seq=seq, request_id=f"{sid}#{seq}", inputs=[one]
+            )
+            try:
+                reply = await stub.Step(request, timeout=step_timeout_s)
+            except aio.AioRpcError as exc:
+                figures.errors_by_session[k] += 1
+                error_now()
+                if exc.code() in RETRYABLE:
+                    figures.unavailable += 1
+                    await asyncio.sleep(0.05)
+                    continue
+                gap = _ROLLED_BACK.search(exc.details() or "")
+                if exc.code() is grpc.StatusCode.FAILED_PRECONDITION and gap:
+                    stored, expected = int(gap.group(1)), int(gap.group(2))
+                    assert expected == seq, exc.details()
+                    figures.rolled_back += 1
+                    figures.lost += expected - stored
+                    seq = stored
+                    continue
+                raise
+            if int(decode_tensor(reply.outputs[0])[0]) != reply.seq or reply.seq != seq + 1:
+                figures.duplicated += 1
+            seq = int(reply.seq)
+            if seq > acked_seq[k]:
+                figures.acknowledged += seq - acked_seq[k]
+                acked_seq[k] = seq
+            else:
+                figures.acknowledged += 1  # a step acknowledged again after a loss
+            if not fault_started.is_set() and figures.acknowledged >= fault_after:
+                fault_started.set()
+                fault_task = asyncio.ensure_future(fault())
+
+    async with channel:
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(session(k) for k in range(len(ids)))), timeout_s
+            )
+        finally:
+            if fault_task is not None:
+                await fault_task
+        assert fault_started.is_set(), "the load ended before the fault"
+        for k, sid in enumerate(ids):
+            record = await stub.ExportState(
+                pb.SessionRef(model="count", session_id=sid), timeout=10
+            )
+            info = await stub.GetSession(pb.SessionRef(model="count", session_id=sid), timeout=10)
+            state = [decode_tensor(t) for t in record.states]
+            if info.seq < acked_seq[k]:
+                figures.unnoticed += acked_seq[k] - info.seq
+                figures.lost += acked_seq[k] - info.seq
+            if int(state[0][0]) != info.seq:
+                figures.duplicated += 1
+    return figures
