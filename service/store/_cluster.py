@@ -200,7 +200,7 @@ class RedisClusterStore:
         round trip. Raises the command's error reply, or `StoreUnavailable` when too
         few of the node's replicas confirmed the write."""
         if not self.min_replicas_ack:
-            return await self._client.execute_command(*command, target_nodes=node)
+            return await node.execute_command(*command)
         wait = ("WAIT", self.min_replicas_ack, self.replicas_ack_timeout_ms)
         reply, acked = await self._pipeline_on(node, command, wait)
         if isinstance(reply, BaseException):
@@ -224,11 +224,13 @@ class RedisClusterStore:
         try:
             return await call(node, what, "EVALSHA", script.sha, 0, *args)
         except rexc.NoScriptError:
-            await self._client.execute_command("SCRIPT LOAD", script.script, target_nodes=node)
+            await node.execute_command("SCRIPT LOAD", script.script)
             return await call(node, what, "EVALSHA", script.sha, 0, *args)
 
     async def _read_on(self, node: ClusterNode, what: str, *command: Any) -> Any:
-        return await self._client.execute_command(*command, target_nodes=node)
+        # The node itself, not the client: a failing node must not make redis-py
+        # reset the connections and slot map that the other nodes' calls are using.
+        return await node.execute_command(*command)
 
     async def _per_node(
         self,

@@ -118,6 +118,7 @@ def redis_cluster(
                     "--cluster-config-file", str(directory / f"node{i}" / "nodes.conf"),
                     "--cluster-port", str(free_port()),
                     "--cluster-node-timeout", str(node_timeout_ms),
+                    "--repl-diskless-sync-delay", "0",
                 ),
             )  # fmt: skip
             node.start()
@@ -137,25 +138,25 @@ def redis_cluster(
         deadline = time.monotonic() + 30
         for node in nodes:
             client = node.client()
-            while client.cluster("info")["cluster_state"] != "ok" or (
-                replicas and node in nodes[:masters] and _connected_replicas(client) < replicas
-            ):
+            while client.cluster("info")["cluster_state"] != "ok":
                 if time.monotonic() > deadline:
                     raise RuntimeError("redis cluster did not reach state ok")
                 time.sleep(0.1)
             client.close()
         # `--cluster create` picks which node becomes a master: put the masters first.
-        roles = {n.port: n.client().info("replication")["role"] for n in nodes}
+        roles = {}
+        for node in nodes:
+            client = node.client()
+            roles[node.port] = client.info("replication")["role"]
+            client.close()
         nodes.sort(key=lambda n: roles[n.port] != "master")
+        for master in nodes[:masters]:
+            wait_replicas(master, replicas)
         yield nodes
     finally:
         for node in nodes:
             node.cont()
             node.kill()
-
-
-def _connected_replicas(client: redis.Redis) -> int:
-    return int(client.info("replication").get("connected_slaves", 0))
 
 
 class SentinelGroup:
@@ -174,7 +175,7 @@ class SentinelGroup:
     ) -> None:
         self.dir = directory
         self.service = service
-        self.master = RedisProcess(directory / "master")
+        self.master = RedisProcess(directory / "master", extra=("--repl-diskless-sync-delay", "0"))
         self.replicas = [RedisProcess(directory / f"replica{i}") for i in range(replicas)]
         self.sentinel_ports = [free_port() for _ in range(sentinels)]
         self.sentinels: list[subprocess.Popen[bytes]] = []
@@ -191,6 +192,7 @@ class SentinelGroup:
             self.master.start()
             for replica in self.replicas:
                 replica.extra = ("--replicaof", "127.0.0.1", str(self.master.port))
+                replica.extra += ("--repl-diskless-sync-delay", "0")
                 replica.start()
             wait_replicas(self.master, len(self.replicas))
             quorum = len(self.sentinel_ports) // 2 + 1
