@@ -27,6 +27,7 @@ from rnnserve.client import (
     NotFound,
     RetryPolicy,
     SeqConflict,
+    SessionRolledBack,
     StepsLost,
     Unauthorized,
 )
@@ -337,3 +338,42 @@ def test_bearer_token_namespaces_sessions(model_repo):
             with pytest.raises(NotFound):  # bob's namespace has no such session
                 bob.attach("lstm", session.session_id)
             assert alice.attach("lstm", session.session_id).seq == 1
+
+
+# -- a session rolled back under the client (a lost commit) --------------------------
+def test_a_rolled_back_session_raises_session_rolled_back(native_server):
+    """The store comes back behind what the client was acknowledged (here: an older
+    copy imported over it, as a Redis failover would leave it): the next step names
+    the missing steps instead of applying on the older state."""
+    xs = _sequence(6, seed=7)
+    with Client(native_server.address, retry=FAST_RETRY) as client:
+        session = client.session("lstm")
+        for t in range(3):
+            session.step(xs[t])
+        older = session.export()
+        session.step(xs[3])
+        session.step(xs[4])
+        client.import_session("lstm", session.session_id, older)
+        with pytest.raises(SessionRolledBack) as info:
+            session.step(xs[5])
+        error = info.value
+        assert (error.stored_seq, error.requested_seq, error.missing) == (3, 5, 2)
+        assert error.code is grpc.StatusCode.FAILED_PRECONDITION
+        assert "steps 4 to 5 are missing from the state store" in error.message
+        assert session.info().seq == 3  # nothing was applied
+        session.end()
+
+
+async def test_async_a_rolled_back_session_raises_session_rolled_back(native_server):
+    xs = _sequence(3, seed=8)
+    async with AsyncClient(native_server.address, retry=FAST_RETRY) as client:
+        session = await client.session("lstm")
+        await session.step(xs[0])
+        older = await session.export()
+        await session.step(xs[1])
+        await client.import_session("lstm", session.session_id, older)
+        with pytest.raises(SessionRolledBack) as info:
+            await session.step(xs[2])
+        assert (info.value.stored_seq, info.value.requested_seq, info.value.missing) == (1, 2, 1)
+        assert "step 2 is missing" in info.value.message
+        await session.end()
