@@ -17,7 +17,10 @@ from grpc import aio
 
 from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
 from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
+from rnnserve.service.errors import PartialStoreFailure, StoreUnavailable
+from rnnserve.service.record import cas_token
 from rnnserve.service.settings import Settings
+from rnnserve.service.store import Commit, RedisClusterStore
 from rnnserve.service.wire import decode_tensor, encode_tensor
 from tests.integration._grpc_util import cached_reference
 from tests.reliability._procs import commandstats, redis_cluster
@@ -93,3 +96,57 @@ async def test_two_replicas_on_a_three_master_cluster(model_repo, tmp_path):
         f"{evalsha} (bound 2 x batches = {2 * batches}); keys per node {keys_per_node}; "
         f"{steps / max(1, sum(evalsha) / 2):.1f} steps per (load, commit) pair"
     )
+
+
+@pytest.mark.slow
+async def test_a_dead_node_fails_only_its_keys_and_a_stale_slot_map_is_unavailable(tmp_path):
+    """Store level, three masters without replicas: with one node killed, a load or
+    commit spanning all three fails only the dead node's keys (`PartialStoreFailure`
+    with the others' answers); a slot map that points a key at the wrong node (as
+    after a failover or resharding) is UNAVAILABLE, not INTERNAL, and is refreshed."""
+    with redis_cluster(tmp_path / "cluster") as nodes:
+        store = RedisClusterStore.from_url(nodes[0].url, socket_timeout_s=0.5, op_timeout_s=1.5)
+        try:
+            keys = [f"rnnserve:partial:m:{i}" for i in range(30)]
+            record = bytes(8) + cas_token(0, 0) + b"state"
+            for key in keys:
+                await store.put(key, record, 60)
+            manager = store.client.nodes_manager
+            owner = {k: manager.get_node_from_slot(store.client.keyslot(k)).port for k in keys}
+
+            # A stale slot map: key 0 is sent to a node that does not own its slot.
+            slot = store.client.keyslot(keys[0])
+            wrong = next(n for n in manager.nodes_cache.values() if n.port != owner[keys[0]])
+            saved = manager.slots_cache[slot]
+            manager.slots_cache[slot] = [wrong]
+            with pytest.raises(StoreUnavailable, match="non local key"):
+                await store.load_many([keys[0]])
+            for _ in range(50):  # the refresh runs in the background
+                if manager.slots_cache[slot][0].port == owner[keys[0]]:
+                    break
+                await asyncio.sleep(0.05)
+            assert manager.slots_cache[slot][0].port == saved[0].port
+            assert await store.load_many([keys[0]]) == [record]
+
+            dead = nodes[2]
+            dead.kill()
+            on_dead = {i for i, k in enumerate(keys) if owner[k] == dead.port}
+            assert 0 < len(on_dead) < len(keys)
+            with pytest.raises(PartialStoreFailure) as info:
+                await store.load_many(keys)
+            assert set(info.value.failed) == on_dead
+            assert all(isinstance(e, StoreUnavailable) for e in info.value.failed.values())
+            assert [info.value.results[i] for i in range(len(keys)) if i not in on_dead] == [
+                record
+            ] * (len(keys) - len(on_dead))
+            commits = [Commit(k, record[8:24], record, 60) for k in keys]
+            with pytest.raises(PartialStoreFailure) as info:
+                await store.commit_many(commits)
+            assert set(info.value.failed) == on_dead
+            assert all(info.value.results[i] for i in range(len(keys)) if i not in on_dead)
+            # Keys of the dead node only: the whole call fails, as on one Redis.
+            with pytest.raises(StoreUnavailable) as only_dead:
+                await store.load_many([keys[i] for i in sorted(on_dead)])
+            assert not isinstance(only_dead.value, PartialStoreFailure)
+        finally:
+            await store.aclose()
