@@ -14,7 +14,8 @@ fails (dead, cut off, failing over) fails only its own keys: the call raises
 of sessions on that node fail UNAVAILABLE (their commit may have landed: a retry
 with the same `seq` and request id is then replayed from the stored reply). A
 MOVED/ASK reply, or a script refused for a "non local key" (a stale slot map after
-a failover or a resharding), refreshes the slot map and is `StoreUnavailable` too.
+a failover or a resharding) or "while the cluster is down" (a failover under way),
+refreshes the slot map and is `StoreUnavailable` too.
 
 Durability (`min_replicas_ack=N`): each node's commit is pipelined with `WAIT N
 timeout` on the same connection (one round trip per node, as without it); a node
@@ -78,8 +79,13 @@ _TOPOLOGY_CHANGED: tuple[type[BaseException], ...] = (
     rexc.RedisClusterException,
 )
 
-# Error replies of a node that no longer owns a key's slot (its slot map is stale).
-_STALE_SLOT_MAP = ("non local key", "MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN")
+# Error replies of a node that no longer owns a key's slot (its slot map is stale), or
+# of a cluster that is failing over (a script's own call refused: "...while the
+# cluster is down"): the topology changes, nothing was applied.
+_STALE_SLOT_MAP = (
+    "non local key", "MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN", "cluster is down",
+    "LOADING",
+)  # fmt: skip
 
 
 def _stale_slot_map(exc: BaseException) -> bool:

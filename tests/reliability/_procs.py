@@ -104,7 +104,12 @@ class RedisProcess:
 
 @contextlib.contextmanager
 def redis_cluster(
-    directory: Path, masters: int = 3, *, replicas: int = 0, node_timeout_ms: int = 5000
+    directory: Path,
+    masters: int = 3,
+    *,
+    replicas: int = 0,
+    node_timeout_ms: int = 5000,
+    extra: tuple[str, ...] = (),
 ) -> Iterator[list[RedisProcess]]:
     """`masters` redis-servers with cluster mode on (and `replicas` replicas of each),
     joined by `redis-cli --cluster create`. The list holds the masters first."""
@@ -119,6 +124,7 @@ def redis_cluster(
                     "--cluster-port", str(free_port()),
                     "--cluster-node-timeout", str(node_timeout_ms),
                     "--repl-diskless-sync-delay", "0",
+                    *extra,
                 ),
             )  # fmt: skip
             node.start()
@@ -283,21 +289,18 @@ class SentinelGroup:
 
 
 def wait_replicas(master: RedisProcess, count: int, timeout_s: float = 30) -> None:
-    """Wait until `master` has `count` replicas connected and in sync."""
+    """Wait until `count` replicas of the (private) `master` acknowledge a write: after
+    a full sync a replica is "online" a moment before the master streams it writes."""
     client = master.client()
     deadline = time.monotonic() + timeout_s
     try:
         while True:
-            info = client.info("replication")
-            online = [
-                v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)
-                and v.get("state") == "online"
-            ]  # fmt: skip
-            if len(online) >= count:
+            client.set("rnnserve-test:replication-check", time.time())
+            acked = int(client.wait(count, 200))
+            if acked >= count:
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{len(online)} of {count} replicas in sync")
-            time.sleep(0.05)
+                raise RuntimeError(f"{acked} of {count} replicas acknowledge writes")
     finally:
         client.close()
 

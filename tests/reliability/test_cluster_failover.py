@@ -9,7 +9,10 @@ restarted pod would be) and rejoins as the new master's replica.
 
 A batch holds sessions of every shard: the dead node fails only its own keys
 (`PartialStoreFailure`), so the sessions of the two other shards see no error at
-all, with or without the durability setting. With `redis_min_replicas_ack=1` the
+all, with or without the durability setting. That needs the cluster to keep serving
+the slots it still covers: `cluster-require-full-coverage no` (with the default
+`yes`, every node refuses every command from the moment the master is marked failed
+until its replica takes over, and all sessions see UNAVAILABLE for that second). With `redis_min_replicas_ack=1` the
 killed shard loses nothing acknowledged; without it, its lost steps are each named
 by `SessionRolledBack`.
 """
@@ -85,7 +88,10 @@ async def _run(tmp_path: Path, acks: int) -> tuple[Figures, list[bool], dict[str
     repo = write_counter_repository(tmp_path / "models")
     ids = [f"s{i}" for i in range(SESSIONS)]
     times: dict[str, float] = {}
-    with redis_cluster(tmp_path / "cluster", replicas=1, node_timeout_ms=1000) as nodes:
+    with redis_cluster(
+        tmp_path / "cluster", replicas=1, node_timeout_ms=1000,
+        extra=("--cluster-require-full-coverage", "no"),
+    ) as nodes:  # fmt: skip
         victim = nodes[0]
         replica = _replica_of(victim, nodes)
         slots = _slots_of(victim)

@@ -58,7 +58,7 @@ def step_fn() -> StepFunction:
 def _engine(master: RedisProcess, acks: int, step_fn: StepFunction) -> SessionEngine:
     store = RedisStore.from_url(
         master.url, socket_timeout_s=1.0, op_timeout_s=2.5,
-        min_replicas_ack=acks, replicas_ack_timeout_ms=100,
+        min_replicas_ack=acks, replicas_ack_timeout_ms=500,
     )  # fmt: skip
     engine = SessionEngine(store, namespace="acks")
     engine.load_model("lstm", "1", step_fn, config=RunnerConfig(max_queue_delay_s=0.001))
@@ -89,7 +89,10 @@ async def test_acknowledged_means_on_the_replica(pair, step_fn) -> None:
         try:
             with pytest.raises(StoreUnavailable) as info:
                 await engine.step("lstm", "a", [x], seq=5, request_id="a5")
-            assert "reached 0 of the 1 replica(s)" in str(info.value)
+            assert (
+                "reached 0 of the 1 replica(s) that --redis-min-replicas-ack requires within 500 ms"
+                in str(info.value)
+            )
             assert "--redis-min-replicas-ack" in str(info.value)
             # Not acknowledged, yet on the master: the retry below must be a replay.
             assert (await engine.get("lstm", "a")).seq == 6
@@ -127,7 +130,7 @@ async def test_the_latency_cost_of_one_replica_ack(pair) -> None:
     record = bytes(8) + cas_token(0, 0) + bytes(512)
     figures = {}
     for acks in (0, 1):
-        store = RedisStore.from_url(master.url, min_replicas_ack=acks, replicas_ack_timeout_ms=100)
+        store = RedisStore.from_url(master.url, min_replicas_ack=acks, replicas_ack_timeout_ms=500)
         keys = [f"rnnserve:cost:m:{acks}-{i}" for i in range(64)]
         for key in keys:
             await store.put(key, record, 60)
