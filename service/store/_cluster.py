@@ -110,6 +110,9 @@ class RedisClusterStore:
         self._load = client.register_script(LOAD_SCRIPT)
         self._commit = client.register_script(CLUSTER_COMMIT_SCRIPT)
         self._refresh: asyncio.Task[None] | None = None
+        # Every node object this store called directly: a slot-map refresh may drop one
+        # from redis-py's cache while it still holds connections; `aclose` closes them.
+        self._called: dict[int, ClusterNode] = {}
         self.min_replicas_ack = min_replicas_ack
         self.replicas_ack_timeout_ms = replicas_ack_timeout_ms
 
@@ -192,6 +195,8 @@ class RedisClusterStore:
         for i, key in enumerate(keys):
             node = manager.get_node_from_slot(self._client.keyslot(key))
             groups.setdefault(node.name, (node, []))[1].append(i)
+        for node, _ in groups.values():
+            self._called.setdefault(id(node), node)
         return groups
 
     async def _pipeline_on(self, node: ClusterNode, *commands: tuple[Any, ...]) -> list[Any]:
@@ -357,3 +362,7 @@ class RedisClusterStore:
             await self._client.aclose()
         except _UNAVAILABLE:
             logger.debug("closing redis cluster client", exc_info=True)
+        await asyncio.gather(
+            *(node.disconnect() for node in self._called.values()), return_exceptions=True
+        )
+        self._called.clear()

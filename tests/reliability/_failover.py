@@ -34,6 +34,7 @@ from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grp
 from rnnserve.service.wire import decode_tensor, encode_tensor
 
 _ROLLED_BACK = re.compile(r"is at seq (\d+) but this step expected seq (\d+)")
+_AHEAD = re.compile(r"is at seq (\d+); the step expected seq (\d+)")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -70,6 +71,7 @@ class Figures:
     rolled_back: int = 0  # SessionRolledBack answers (each names `missing` lost steps)
     duplicated: int = 0  # replies or records whose count differs from their seq
     unavailable: int = 0  # UNAVAILABLE / DEADLINE_EXCEEDED answers (retried)
+    resynced: int = 0  # steps skipped: the session was ahead of this client (see `drive`)
     errors_by_session: list[int] = field(default_factory=list)
     unnoticed: int = 0  # lost steps found only by reading the records at the end
     first_error_at: float | None = None  # time.monotonic() of the first error answer
@@ -80,7 +82,7 @@ class Figures:
             f"{name}: {self.sessions} sessions x {self.steps} steps: {self.acknowledged} "
             f"acknowledged, {self.lost} lost ({self.rolled_back} SessionRolledBack answers, "
             f"{self.unnoticed} unnoticed), {self.duplicated} duplicated, "
-            f"{self.unavailable} UNAVAILABLE answers retried"
+            f"{self.unavailable} UNAVAILABLE answers retried, {self.resynced} steps skipped on resynchronising"
         )
 
 
@@ -148,15 +150,22 @@ async def drive(
                     figures.lost += expected - stored
                     seq = stored
                     continue
+                ahead = _AHEAD.search(exc.details() or "")
+                if exc.code() is grpc.StatusCode.FAILED_PRECONDITION and ahead:
+                    # After a rollback, a step this session sent before it (its call
+                    # given up on, still queued on the server) can apply again: the
+                    # session is ahead of this client. Go on from there.
+                    current = int(ahead.group(1))
+                    assert current > seq, exc.details()
+                    figures.resynced += current - seq
+                    seq = current
+                    continue
                 raise
             if int(decode_tensor(reply.outputs[0])[0]) != reply.seq or reply.seq != seq + 1:
                 figures.duplicated += 1
             seq = int(reply.seq)
-            if seq > acked_seq[k]:
-                figures.acknowledged += seq - acked_seq[k]
-                acked_seq[k] = seq
-            else:
-                figures.acknowledged += 1  # a step acknowledged again after a loss
+            figures.acknowledged += 1  # (again, for a step acknowledged before a loss)
+            acked_seq[k] = max(acked_seq[k], seq)
             if not fault_started.is_set() and figures.acknowledged >= fault_after:
                 fault_started.set()
                 fault_task = asyncio.ensure_future(fault())

@@ -4,6 +4,7 @@ Cluster of three masters, and rnnserve replicas (subprocesses)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.crc import key_slot
 
 from tests.servers import spawn_server
 
@@ -288,14 +290,33 @@ class SentinelGroup:
         return next(s for s in [self.master, *self.replicas] if s.port == port)
 
 
+def _key_on(client: redis.Redis) -> str:
+    """A test key this server may write: on a Cluster node, one of a slot it owns."""
+    if not int(client.info("cluster").get("cluster_enabled", 0)):
+        return "rnnserve-test:replication-check"
+    text = client.execute_command("CLUSTER", "NODES")
+    text = text.decode() if isinstance(text, bytes) else str(text)
+    mine = next(line.split() for line in text.splitlines() if "myself" in line.split()[2])
+    ranges = [r.split("-") for r in mine[8:] if not r.startswith("[")]
+    owned = [(int(r[0]), int(r[-1])) for r in ranges]
+    for i in itertools.count():
+        key = f"rnnserve-test:replication-check:{i}"
+        if any(a <= key_slot(key.encode()) <= b for a, b in owned):
+            return key
+    raise AssertionError("unreachable")
+
+
 def wait_replicas(master: RedisProcess, count: int, timeout_s: float = 30) -> None:
     """Wait until `count` replicas of the (private) `master` acknowledge a write: after
     a full sync a replica is "online" a moment before the master streams it writes."""
+    if count == 0:
+        return
     client = master.client()
+    key = _key_on(client)
     deadline = time.monotonic() + timeout_s
     try:
         while True:
-            client.set("rnnserve-test:replication-check", time.time())
+            client.set(key, time.time())
             acked = int(client.wait(count, 200))
             if acked >= count:
                 return
