@@ -100,8 +100,7 @@ def describe_store(settings: Settings) -> str:
         return "memory (in this process: sessions do not survive a restart and are not shared)"
     n = settings.redis_min_replicas_ack
     acks = (
-        f"every write waits for {n} replica(s) (up to "
-        f"{settings.redis_replicas_ack_timeout_ms} ms)"
+        f"every write waits for {n} replica(s) (up to {settings.redis_replicas_ack_timeout_ms} ms)"
         if n
         else "writes are not waited for on replicas (redis_min_replicas_ack 0)"
     )
