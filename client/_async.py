@@ -56,8 +56,8 @@ from rnnserve.client._models import (
     step_of,
 )
 from rnnserve.client._sync import ProgressCallback
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 
 __all__ = ["AsyncClient", "AsyncSession", "ManyStream"]
 

@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 
 from rnnserve.client._exceptions import ClientError, InvalidRequest, from_status, status_code
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
 
 __all__ = [
     "ExportedState",

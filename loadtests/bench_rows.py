@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 
 async def run(args: argparse.Namespace) -> None:
     from loadtests.harness.models import features, write_repository
-    from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
+    from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
     from rnnserve.service.compute import ComputeProcess
     from rnnserve.service.engine import RunnerConfig, SessionEngine
     from rnnserve.service.repository import load_step_function

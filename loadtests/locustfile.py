@@ -28,8 +28,8 @@ import grpc.experimental.gevent as grpc_gevent
 import numpy as np
 from locust import User, between, events, task  # type: ignore[import-not-found]
 
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 
 grpc_gevent.init_gevent()  # gRPC's sync API must yield to gevent, or users block each other
 

@@ -2,8 +2,10 @@
 # Create a virtual environment (if missing) and install rnnserve into it, pinned by
 # constraints.txt.
 #
-#   bash scripts/bootstrap.sh        # what serving needs (the runtime dependencies)
+#   bash scripts/bootstrap.sh        # the server: rnnserve[server] (the client comes with it)
 #   bash scripts/bootstrap.sh dev    # + the test, lint and type-check tools, and tracing
+#
+# (`pip install rnnserve` alone is the client: the SDK and `rnnserve client`, no TensorFlow.)
 #
 # Env: PYTHON (default python3.11, else python3; 3.11 to 3.13 are supported), VENV (default
 # .venv). The first install downloads TensorFlow (~600 MB): pip's progress is shown.
@@ -12,9 +14,9 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 VENV=${VENV:-.venv}
-target=.
+target=".[server]"
 if [ "${1:-}" = "dev" ]; then
-    target=".[dev,tracing]"  # the tracing tests need OpenTelemetry
+    target=".[server,dev,tracing]"  # the tracing tests need OpenTelemetry
 elif [ -n "${1:-}" ]; then
     echo "usage: bash scripts/bootstrap.sh [dev]" >&2
     exit 2

@@ -32,11 +32,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from rnnserve.core import set_compute_threads
+from rnnserve.protocol.inference import grpc_service_pb2 as kserve_pb2
+from rnnserve.protocol.inference import grpc_service_pb2_grpc as kserve_grpc
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 from rnnserve.service import tracing
-from rnnserve.service._generated.inference import grpc_service_pb2 as kserve_pb2
-from rnnserve.service._generated.inference import grpc_service_pb2_grpc as kserve_grpc
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 from rnnserve.service.engine import SessionEngine
 from rnnserve.service.errors import RnnserveError
 from rnnserve.service.metrics import (

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from rnnserve.core import TensorSpec
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
 from rnnserve.service.errors import InvalidArgument
 
 SERVED_DTYPES = frozenset(

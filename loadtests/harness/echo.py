@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 from grpc import aio
 
-from rnnserve.service._generated.inference import grpc_service_pb2 as kpb
-from rnnserve.service._generated.inference import grpc_service_pb2_grpc as kpb_grpc
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
+from rnnserve.protocol.inference import grpc_service_pb2 as kpb
+from rnnserve.protocol.inference import grpc_service_pb2_grpc as kpb_grpc
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 
 OUTPUTS = 64
 _Y = np.zeros(OUTPUTS, np.float32).tobytes()

@@ -106,8 +106,8 @@ def _channels(address: str, count: int) -> list[Any]:
 
 
 async def _native(job: Job, clock: _Clock, ready: Any) -> None:
-    from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
-    from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
+    from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
+    from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 
     rng = np.random.default_rng(job.first_session)
     ids = [f"{job.run_id}-{job.first_session + i}" for i in range(job.sessions)]

@@ -27,9 +27,9 @@ import numpy as np
 from grpc import aio
 
 from rnnserve.core import StepSignature, TensorSpec
-from rnnserve.service._generated.inference import grpc_service_pb2 as pb
-from rnnserve.service._generated.inference import grpc_service_pb2_grpc as pb_grpc
-from rnnserve.service._generated.inference import model_config_pb2 as config_pb
+from rnnserve.protocol.inference import grpc_service_pb2 as pb
+from rnnserve.protocol.inference import grpc_service_pb2_grpc as pb_grpc
+from rnnserve.protocol.inference import model_config_pb2 as config_pb
 from rnnserve.service.engine import ModelRunner, SessionEngine, StepResult
 from rnnserve.service.errors import InvalidArgument, SessionNotFound
 from rnnserve.service.servicers._streams import answer_concurrently

@@ -13,8 +13,8 @@ from typing import Any
 
 from grpc import aio
 
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 from rnnserve.service.engine import ManyResult, ManySteps, SessionEngine, SessionInfo, StepResult
 from rnnserve.service.errors import InvalidArgument
 from rnnserve.service.record import SessionRecord

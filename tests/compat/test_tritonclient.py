@@ -244,7 +244,7 @@ def _field_mismatches(ours: Any, theirs: Any, path: str) -> list[str]:
 
 def test_protos_are_wire_compatible_with_triton() -> None:
     """Every message, field, enum value and RPC we declare has Triton's number and type."""
-    from rnnserve.service._generated.inference import grpc_service_pb2, model_config_pb2
+    from rnnserve.protocol.inference import grpc_service_pb2, model_config_pb2
 
     problems = []
     for ours, theirs in (

@@ -13,8 +13,8 @@ import grpc
 import numpy as np
 import redis
 
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 from rnnserve.service.wire import decode_tensor, encode_tensor
 from tests.servers import FEATURES, ServerThread, reference
 

@@ -43,7 +43,7 @@ def address(cli_repo: Path) -> Iterator[str]:
 
 def rnnserve_client(address: str, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
-        [sys.executable, "-m", "rnnserve.service.cli", "client", "--address", address, *args],
+        [sys.executable, "-m", "rnnserve.client.cli", "client", "--address", address, *args],
         capture_output=True,
         text=True,
         timeout=120,

@@ -19,8 +19,8 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from rnnserve.service._generated.inference import grpc_service_pb2 as kserve_pb
-from rnnserve.service._generated.inference import grpc_service_pb2_grpc as kserve_grpc
+from rnnserve.protocol.inference import grpc_service_pb2 as kserve_pb
+from rnnserve.protocol.inference import grpc_service_pb2_grpc as kserve_grpc
 from rnnserve.service.record import read_header
 from rnnserve.service.server import RnnserveServer
 from rnnserve.service.settings import Settings

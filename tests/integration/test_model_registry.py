@@ -13,8 +13,8 @@ import pytest
 from _models import FEATURES
 
 from rnnserve.core import StepFunction
-from rnnserve.service._generated.inference import grpc_service_pb2 as kserve_pb
-from rnnserve.service._generated.inference import grpc_service_pb2_grpc as kserve_grpc
+from rnnserve.protocol.inference import grpc_service_pb2 as kserve_pb
+from rnnserve.protocol.inference import grpc_service_pb2_grpc as kserve_grpc
 from rnnserve.service.engine import SessionEngine, sorted_versions, version_key
 from rnnserve.service.errors import ModelNotFound, ShuttingDown
 from rnnserve.service.repository import ModelRepository

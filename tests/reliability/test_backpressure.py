@@ -21,8 +21,8 @@ import numpy as np
 from grpc import aio
 from prometheus_client import REGISTRY
 
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 from rnnserve.service.settings import Settings
 from rnnserve.service.wire import encode_tensor
 from tests.reliability._procs import RedisProcess, rss_bytes

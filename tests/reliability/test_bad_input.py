@@ -21,10 +21,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rnnserve.service._generated.inference import grpc_service_pb2 as kpb
-from rnnserve.service._generated.inference import grpc_service_pb2_grpc as kgrpc
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
+from rnnserve.protocol.inference import grpc_service_pb2 as kpb
+from rnnserve.protocol.inference import grpc_service_pb2_grpc as kgrpc
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 from rnnserve.service.settings import Settings
 from rnnserve.service.wire import SERVED_DTYPES, encode_tensor
 from tests.reliability._procs import RedisProcess

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from grpc import aio
 
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 from rnnserve.service.errors import PartialStoreFailure, StoreUnavailable
 from rnnserve.service.record import cas_token
 from rnnserve.service.settings import Settings

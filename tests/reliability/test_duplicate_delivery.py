@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from grpc import aio
 
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 from rnnserve.service.settings import Settings
 from rnnserve.service.wire import decode_tensor, encode_tensor
 from tests.integration._grpc_util import cached_reference

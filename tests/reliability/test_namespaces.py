@@ -9,10 +9,10 @@ from __future__ import annotations
 import grpc
 import numpy as np
 
-from rnnserve.service._generated.inference import grpc_service_pb2 as kpb
-from rnnserve.service._generated.inference import grpc_service_pb2_grpc as kgrpc
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
+from rnnserve.protocol.inference import grpc_service_pb2 as kpb
+from rnnserve.protocol.inference import grpc_service_pb2_grpc as kgrpc
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 from rnnserve.service.settings import Settings
 from rnnserve.service.wire import encode_tensor
 from tests.servers import FEATURES, ServerThread

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from grpc import aio
 
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 from rnnserve.service.settings import Settings
 from rnnserve.service.wire import encode_tensor
 from tests.reliability._procs import delete_namespace, open_fds, rss_bytes

@@ -10,7 +10,7 @@ from importlib.metadata import version
 
 def test_version_prints_the_installed_version() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "rnnserve.service.cli", "--version"],
+        [sys.executable, "-m", "rnnserve.client.cli", "--version"],
         capture_output=True,
         text=True,
         timeout=60,

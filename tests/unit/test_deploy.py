@@ -524,8 +524,8 @@ _METHOD = re.compile(r"/([A-Za-z0-9_.]+)/([A-Za-z0-9_]*)")
 
 
 def _grpc_methods() -> set[str]:
-    from rnnserve.service._generated.inference import grpc_service_pb2
-    from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2
+    from rnnserve.protocol.inference import grpc_service_pb2
+    from rnnserve.protocol.rnnserve.v1 import recurrent_pb2
 
     methods = set()
     for descriptor in (recurrent_pb2.DESCRIPTOR, grpc_service_pb2.DESCRIPTOR):
@@ -613,12 +613,12 @@ def test_dockerfile_shape(name: str) -> None:
 
 
 def test_dockerfile_install_line_resolves_with_the_constraints() -> None:
-    """The image's `pip install -c constraints.txt .`, as a dry run against what this
+    """The image's `pip install -c constraints.txt ".[server]"`, as a dry run against what this
     environment holds (offline): the pins and the package's requirements agree."""
     runs = [arg for op, arg in _instructions(DEPLOY / "Dockerfile") if op == "RUN"]
     install = next(r for r in runs if r.startswith("pip install")).split("&&")[0]
     args = shlex.split(install)[2:]
-    assert args == ["-c", "constraints.txt", "."]
+    assert args == ["-c", "constraints.txt", ".[server]"]  # the server, not the client only
     result = subprocess.run(
         [
             sys.executable,

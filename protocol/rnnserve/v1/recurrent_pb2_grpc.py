@@ -4,7 +4,7 @@
 import grpc
 import warnings
 
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as rnnserve_dot_v1_dot_recurrent__pb2
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as rnnserve_dot_v1_dot_recurrent__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
