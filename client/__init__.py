@@ -14,7 +14,8 @@
 
 Every step carries the session's `seq` and a request id, so a step retried after
 UNAVAILABLE / DEADLINE_EXCEEDED (on the same replica or the next address) is applied
-exactly once. `AsyncClient` is the asyncio twin. Errors are `ClientError`s.
+exactly once. `AsyncClient` is the asyncio twin. Errors are `ClientError`s, chosen
+from the status code and the server's reason (`.reason`), never from message text.
 """
 
 from rnnserve.client._async import AsyncClient, AsyncSession, ManyStream
@@ -24,11 +25,13 @@ from rnnserve.client._exceptions import (
     InvalidRequest,
     NotFound,
     Overloaded,
+    PreconditionFailed,
     SeqConflict,
     ServerError,
     SessionRolledBack,
     StepsLost,
     Unauthorized,
+    VersionMismatch,
 )
 from rnnserve.client._models import (
     ExportedState,
@@ -54,6 +57,7 @@ __all__ = [
     "ModelInfo",
     "NotFound",
     "Overloaded",
+    "PreconditionFailed",
     "RetryPolicy",
     "SeqConflict",
     "ServerError",
@@ -64,4 +68,5 @@ __all__ = [
     "StepsLost",
     "TensorSpec",
     "Unauthorized",
+    "VersionMismatch",
 ]

@@ -24,10 +24,9 @@ from rnnserve.client._exceptions import (
     ClientError,
     ConnectionFailed,
     StepsLost,
+    from_error_message,
     from_rpc_error,
-    from_status,
     rolled_back,
-    status_code,
 )
 from rnnserve.client._models import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -513,7 +512,7 @@ class ManyStream:
         if message is None:  # the stream ended first
             raise self._ended or ClientError("the stream is closed")
         if message.HasField("error"):
-            raise from_status(status_code(message.error.code), message.error.message)
+            raise from_error_message(message.error)
         return ManyResult.from_message(message)
 
     async def _read(self) -> None:

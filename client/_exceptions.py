@@ -1,14 +1,20 @@
-"""The errors of `rnnserve.client`: one small hierarchy, each carrying its gRPC code.
+"""The errors of `rnnserve.client`: one small hierarchy, each carrying its gRPC code and
+the server's reason.
 
 A `grpc.RpcError` never leaves the client: it is translated at the boundary with
-`raise ... from exc`, so the original status stays attached as `__cause__`.
+`raise ... from exc`, so the original status stays attached as `__cause__`. The class is
+chosen from the status code and the `rnnserve.v1.ErrorDetail` the server sends with
+every failure (the `rnnserve-error-bin` trailing metadata, a stream's in-band `Error`,
+a StepMany row), never from the message text.
 
-    ClientError                        code (a grpc.StatusCode, or None)
+    ClientError                        code (a grpc.StatusCode, or None), reason (a str)
     ├── ConnectionFailed               UNAVAILABLE / DEADLINE_EXCEEDED after every retry
     ├── InvalidRequest                 INVALID_ARGUMENT, OUT_OF_RANGE
     ├── NotFound                       NOT_FOUND (no such model, version or session)
-    ├── SeqConflict                    FAILED_PRECONDITION (carries `current_seq`)
-    ├── SessionRolledBack              FAILED_PRECONDITION: the server's state store is
+    ├── PreconditionFailed             FAILED_PRECONDITION (`current_seq`, `requested_seq`)
+    │   ├── SeqConflict                reason SEQ_CONFLICT: the session is at another seq
+    │   ├── VersionMismatch            reason VERSION_MISMATCH: another model version's session
+    │   └── SessionRolledBack          reason SESSION_ROLLED_BACK: the server's state store is
     │                                  behind steps it acknowledged (a lost commit)
     ├── Unauthorized                   UNAUTHENTICATED, PERMISSION_DENIED
     ├── Overloaded                     RESOURCE_EXHAUSTED
@@ -19,9 +25,11 @@ A `grpc.RpcError` never leaves the client: it is translated at the boundary with
 
 from __future__ import annotations
 
-import re
+from typing import Any
 
 import grpc
+
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
 
 __all__ = [
     "ClientError",
@@ -29,24 +37,34 @@ __all__ = [
     "InvalidRequest",
     "NotFound",
     "Overloaded",
+    "PreconditionFailed",
     "SeqConflict",
     "ServerError",
     "SessionRolledBack",
     "StepsLost",
     "Unauthorized",
+    "VersionMismatch",
 ]
 
-_SEQ_IN_MESSAGE = re.compile(r"is at seq (\d+)")
-_ROLLED_BACK = re.compile(r"is at seq (\d+) but this step expected seq (\d+)")
+#: The trailing metadata key of a failed call's `ErrorDetail`.
+ERROR_DETAIL_KEY = "rnnserve-error-bin"
 
 
 class ClientError(Exception):
-    """Base of every error `rnnserve.client` raises."""
+    """Base of every error `rnnserve.client` raises.
 
-    def __init__(self, message: str, *, code: grpc.StatusCode | None = None) -> None:
+    `code`: the gRPC status (None for errors of the client itself). `reason`: the
+    server's `ErrorDetail.reason` (e.g. `"SESSION_NOT_FOUND"`), else the code's name,
+    else `"CLIENT"` for an error raised by the client before or after any call.
+    """
+
+    def __init__(
+        self, message: str, *, code: grpc.StatusCode | None = None, reason: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
+        self.reason = reason or (code.name if code is not None else "CLIENT")
 
 
 class ConnectionFailed(ClientError):
@@ -54,30 +72,52 @@ class ConnectionFailed(ClientError):
 
 
 class InvalidRequest(ClientError):
-    """The server rejected the request: names, shapes, dtypes, sizes, ids."""
+    """The request was refused (or never sent): names, shapes, dtypes, sizes, ids."""
 
 
 class NotFound(ClientError):
     """No such model, version or session (never started, ended, or expired)."""
 
 
-class SeqConflict(ClientError):
-    """The session is not where this client expected it (`current_seq` says where)."""
+class PreconditionFailed(ClientError):
+    """FAILED_PRECONDITION: the session is not in a state this request can apply to.
+
+    `current_seq` / `requested_seq`: the session's seq on the server and the one the
+    request expected, when the server says (None otherwise).
+    """
 
     def __init__(
-        self, message: str, *, code: grpc.StatusCode | None = None, current_seq: int | None
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode | None = grpc.StatusCode.FAILED_PRECONDITION,
+        reason: str | None = None,
+        current_seq: int | None = None,
+        requested_seq: int | None = None,
     ) -> None:
-        super().__init__(message, code=code)
+        super().__init__(message, code=code, reason=reason)
         self.current_seq = current_seq
+        self.requested_seq = requested_seq
 
 
-class SessionRolledBack(ClientError):
+class SeqConflict(PreconditionFailed):
+    """The session is not where this client expected it (`current_seq` says where)."""
+
+
+class VersionMismatch(PreconditionFailed):
+    """The session belongs to another version of the model than the one asked for."""
+
+
+class SessionRolledBack(PreconditionFailed):
     """The session is behind steps the server acknowledged: their commit was lost by
     the state store (e.g. Redis failed over to a replica that had not received it).
 
     Nothing was applied. The session is at `stored_seq` (also `current_seq`); this
     client expected `requested_seq`; `missing` steps are gone. Decide: replay them
-    from your own log (after `info()`, which re-reads the seq), or `reset()`.
+    from your own log (after `info()`, which re-reads the seq), or `reset()`. Not a
+    `SeqConflict`: resynchronising to the stored seq would silently skip the lost steps.
+    Raised from the server's reason `SESSION_ROLLED_BACK` (code FAILED_PRECONDITION), or
+    by a sequence call that finds the session behind what it acknowledged (code None).
     """
 
     def __init__(
@@ -88,14 +128,15 @@ class SessionRolledBack(ClientError):
         stored_seq: int,
         requested_seq: int,
     ) -> None:
-        super().__init__(message, code=code)
+        super().__init__(
+            message,
+            code=code,
+            reason="SESSION_ROLLED_BACK",
+            current_seq=stored_seq,
+            requested_seq=requested_seq,
+        )
         self.stored_seq = stored_seq
-        self.requested_seq = requested_seq
         self.missing = requested_seq - stored_seq
-
-    @property
-    def current_seq(self) -> int:
-        return self.stored_seq
 
 
 def rolled_back(session_id: str, *, stored_seq: int, requested_seq: int) -> SessionRolledBack:
@@ -130,7 +171,7 @@ class StepsLost(ClientError):
     """
 
     def __init__(self, message: str, *, acknowledged: int, current_seq: int) -> None:
-        super().__init__(message)
+        super().__init__(message, reason="STEPS_LOST")
         self.acknowledged = acknowledged
         self.current_seq = current_seq
 
@@ -141,11 +182,17 @@ _BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
     grpc.StatusCode.OUT_OF_RANGE: InvalidRequest,
     grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: PreconditionFailed,
     grpc.StatusCode.UNAUTHENTICATED: Unauthorized,
     grpc.StatusCode.PERMISSION_DENIED: Unauthorized,
     grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
 }
 
+#: FAILED_PRECONDITION reasons with a class of their own.
+_PRECONDITIONS: dict[str, type[PreconditionFailed]] = {
+    "SEQ_CONFLICT": SeqConflict,
+    "VERSION_MISMATCH": VersionMismatch,
+}
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -156,23 +203,60 @@ def status_code(value: int) -> grpc.StatusCode:
     return _CODES.get(value, grpc.StatusCode.UNKNOWN)
 
 
-def from_status(code: grpc.StatusCode, details: str) -> ClientError:
-    """The client error for a status (code + message), e.g. from a stream's `Error`."""
+def from_status(
+    code: grpc.StatusCode, details: str, detail: pb.ErrorDetail | None = None
+) -> ClientError:
+    """The client error for a status: its code, message and `ErrorDetail` (if sent)."""
+    reason = detail.reason if detail is not None and detail.reason else None
     if code is grpc.StatusCode.FAILED_PRECONDITION:
-        gap = _ROLLED_BACK.search(details)
-        if gap:
-            stored, requested = int(gap.group(1)), int(gap.group(2))
-            return SessionRolledBack(details, code=code, stored_seq=stored, requested_seq=requested)
-        match = _SEQ_IN_MESSAGE.search(details)
-        current = int(match.group(1)) if match else None
-        return SeqConflict(details, code=code, current_seq=current)
-    return _BY_CODE.get(code, ServerError)(details, code=code)
+        current = (
+            int(detail.current_seq) if detail is not None and detail.HasField("current_seq") else None
+        )
+        requested = (
+            int(detail.requested_seq)
+            if detail is not None and detail.HasField("requested_seq")
+            else None
+        )
+        if reason == "SESSION_ROLLED_BACK" and current is not None and requested is not None:
+            return SessionRolledBack(
+                details, code=code, stored_seq=current, requested_seq=requested
+            )
+        kind = _PRECONDITIONS.get(reason or "", PreconditionFailed)
+        return kind(
+            details,
+            code=code,
+            reason=reason,
+            current_seq=current,
+            requested_seq=requested,
+        )
+    return _BY_CODE.get(code, ServerError)(details, code=code, reason=reason)
+
+
+def from_error_message(error: pb.Error) -> ClientError:
+    """A stream's in-band `Error` as a client error."""
+    detail = error.detail if error.HasField("detail") else None
+    return from_status(status_code(error.code), error.message, detail)
+
+
+def detail_of(metadata: Any) -> pb.ErrorDetail | None:
+    """The `ErrorDetail` in a call's trailing metadata, if any (and readable)."""
+    for key, value in metadata or ():
+        if key == ERROR_DETAIL_KEY and isinstance(value, bytes):
+            try:
+                detail: pb.ErrorDetail = pb.ErrorDetail.FromString(value)
+                return detail
+            except Exception:  # a detail we cannot read: go by the status code
+                return None
+    return None
 
 
 def from_rpc_error(exc: grpc.RpcError) -> ClientError:
     """Translate a `grpc.RpcError` (sync or aio); raise the result `from exc`."""
     code_method = getattr(exc, "code", None)
     details_method = getattr(exc, "details", None)
+    trailing_method = getattr(exc, "trailing_metadata", None)
     code = code_method() if callable(code_method) else grpc.StatusCode.UNKNOWN
     details = details_method() if callable(details_method) else str(exc)
-    return from_status(code or grpc.StatusCode.UNKNOWN, details or code.name)
+    detail = detail_of(trailing_method()) if callable(trailing_method) else None
+    code = code or grpc.StatusCode.UNKNOWN
+    return from_status(code, details or code.name, detail)

@@ -313,6 +313,8 @@ class ManyResult:
     replayed: np.ndarray  # bool, (K,)
     codes: tuple[grpc.StatusCode, ...]
     messages: tuple[str, ...]
+    #: Row k's `ErrorDetail` (reason, seqs) when some row failed; empty when all are OK.
+    details: tuple[pb.ErrorDetail, ...] = ()
 
     @classmethod
     def from_message(cls, message: pb.StepManyResponse) -> ManyResult:
@@ -323,6 +325,7 @@ class ManyResult:
             replayed=np.array(message.replayed, dtype=bool),
             codes=tuple(status_code(code) for code in message.codes),
             messages=tuple(message.messages),
+            details=tuple(message.details),
         )
 
     @property
@@ -333,7 +336,7 @@ class ManyResult:
     def errors(self) -> dict[int, ClientError]:
         """The failed rows: row index -> the error a single `step` would have raised."""
         return {
-            k: from_status(code, message or code.name)
+            k: from_status(code, message or code.name, self.details[k] if self.details else None)
             for k, (code, message) in enumerate(zip(self.codes, self.messages, strict=True))
             if code is not grpc.StatusCode.OK
         }

@@ -1,32 +1,36 @@
 """The domain errors of rnnserve: one hierarchy, no transport imports.
 
 Everything the service raises on purpose is an `RnnserveError`. Each class has a
-`code`: the plain name of the status it stands for (`"INVALID_ARGUMENT"`, ...).
-The gRPC layer maps `code` to a status code in one place; nothing here imports grpc.
+`code`: the plain name of the status it stands for (`"INVALID_ARGUMENT"`, ...), and a
+`reason`: what went wrong, for programs (`"SEQ_CONFLICT"`, ...; the wire's
+`rnnserve.v1.ErrorDetail.reason`, docs/protocol.md "Errors"), with `current_seq` /
+`requested_seq` where a seq is the matter. The gRPC layer maps them to a status and
+its detail in one place (`grpc_status.py`); nothing here imports grpc.
 Third-party exceptions (redis, TensorFlow, protobuf) are translated at the
 boundary with `raise ... from exc`, so the cause stays attached.
 
-    RnnserveError                     code
-    ├── InvalidArgument               INVALID_ARGUMENT
-    ├── NotFound                      NOT_FOUND
-    │   ├── SessionNotFound
-    │   └── ModelNotFound
-    ├── FailedPrecondition            FAILED_PRECONDITION
-    │   ├── SeqConflict               (carries `current_seq`)
-    │   │   └── SessionRolledBack     (the store is behind the step: a lost commit)
-    │   └── ModelVersionMismatch
-    ├── Aborted                       ABORTED
-    │   └── ConcurrentUpdate
-    ├── ResourceExhausted             RESOURCE_EXHAUSTED
-    │   └── QueueFull
-    ├── Unavailable                   UNAVAILABLE
-    │   ├── StoreUnavailable
-    │   │   └── PartialStoreFailure   (some keys' nodes failed, the others answered)
-    │   └── ShuttingDown
-    ├── Unauthenticated               UNAUTHENTICATED
-    ├── PermissionDenied              PERMISSION_DENIED
-    ├── DeadlineExceeded              DEADLINE_EXCEEDED
-    └── Internal                      INTERNAL
+    RnnserveError                     code                  reason
+    ├── InvalidArgument               INVALID_ARGUMENT      INVALID_ARGUMENT
+    ├── NotFound                      NOT_FOUND             NOT_FOUND
+    │   ├── SessionNotFound                                 SESSION_NOT_FOUND
+    │   └── ModelNotFound                                   MODEL_NOT_FOUND
+    ├── FailedPrecondition            FAILED_PRECONDITION   FAILED_PRECONDITION
+    │   ├── SeqConflict                                     SEQ_CONFLICT (current/requested seq)
+    │   │   └── SessionRolledBack                           SESSION_ROLLED_BACK (stored/requested:
+    │   │                                                   the store is behind, a lost commit)
+    │   └── ModelVersionMismatch                            VERSION_MISMATCH
+    ├── Aborted                       ABORTED               ABORTED
+    │   └── ConcurrentUpdate                                CONCURRENT_UPDATE
+    ├── ResourceExhausted             RESOURCE_EXHAUSTED    RESOURCE_EXHAUSTED
+    │   └── QueueFull                                       QUEUE_FULL
+    ├── Unavailable                   UNAVAILABLE           UNAVAILABLE
+    │   ├── StoreUnavailable                                STORE_UNAVAILABLE
+    │   │   └── PartialStoreFailure                         STORE_UNAVAILABLE (some nodes failed)
+    │   └── ShuttingDown                                    SHUTTING_DOWN
+    ├── Unauthenticated               UNAUTHENTICATED       UNAUTHENTICATED
+    ├── PermissionDenied              PERMISSION_DENIED     PERMISSION_DENIED
+    ├── DeadlineExceeded              DEADLINE_EXCEEDED     DEADLINE_EXCEEDED
+    └── Internal                      INTERNAL              INTERNAL
 """
 
 from __future__ import annotations
@@ -60,6 +64,16 @@ class RnnserveError(Exception):
     """Base of every error the service raises on purpose."""
 
     code: str = "UNKNOWN"
+    #: A class that sets `code` but no `reason` gets the code as its reason.
+    reason: str = "UNKNOWN"
+    #: Where a seq is the matter (SEQ_CONFLICT): the session's seq and the one asked.
+    current_seq: int | None = None
+    requested_seq: int | None = None
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "reason" not in cls.__dict__ and "code" in cls.__dict__:
+            cls.reason = cls.code  # a code's base class: the reason is the code
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -79,9 +93,13 @@ class NotFound(RnnserveError):
 class SessionNotFound(NotFound):
     """No session under that key: never started, ended, or expired (idle timeout)."""
 
+    reason = "SESSION_NOT_FOUND"
+
 
 class ModelNotFound(NotFound):
     """No model (or no such version of it) is loaded."""
+
+    reason = "MODEL_NOT_FOUND"
 
 
 class FailedPrecondition(RnnserveError):
@@ -92,11 +110,15 @@ class SeqConflict(FailedPrecondition):
     """A step's `seq` does not match the session's: the step was not applied.
 
     `current_seq` is the session's step count now; a client resynchronises from it.
+    `requested_seq` is the seq the step expected.
     """
 
-    def __init__(self, message: str, *, current_seq: int) -> None:
+    reason = "SEQ_CONFLICT"
+
+    def __init__(self, message: str, *, current_seq: int, requested_seq: int | None = None) -> None:
         super().__init__(message)
         self.current_seq = current_seq
+        self.requested_seq = requested_seq
 
 
 class SessionRolledBack(SeqConflict):
@@ -124,14 +146,16 @@ class SessionRolledBack(SeqConflict):
             "earlier was lost, e.g. Redis failed over to a replica that had not received "
             "it); nothing was applied: replay the missing steps or reset the session",
             current_seq=stored_seq,
+            requested_seq=requested_seq,
         )
         self.stored_seq = stored_seq
-        self.requested_seq = requested_seq
         self.missing = missing
 
 
 class ModelVersionMismatch(FailedPrecondition):
     """The session's state belongs to another version of the model than the one asked."""
+
+    reason = "VERSION_MISMATCH"
 
 
 class Aborted(RnnserveError):
@@ -142,6 +166,8 @@ class ConcurrentUpdate(Aborted):
     """Another writer (another replica) kept winning the compare-and-set on this
     session; the step was not applied. Retrying is safe."""
 
+    reason = "CONCURRENT_UPDATE"
+
 
 class ResourceExhausted(RnnserveError):
     code = "RESOURCE_EXHAUSTED"
@@ -149,6 +175,8 @@ class ResourceExhausted(RnnserveError):
 
 class QueueFull(ResourceExhausted):
     """The batcher's queue is at its bound; the client should back off and retry."""
+
+    reason = "QUEUE_FULL"
 
 
 class Unavailable(RnnserveError):
@@ -162,6 +190,8 @@ class StoreUnavailable(Unavailable):
     When it is unknown which (the reply was lost), a retry with the same `seq` and
     request id is answered exactly once.
     """
+
+    reason = "STORE_UNAVAILABLE"
 
 
 class PartialStoreFailure(StoreUnavailable):
@@ -180,6 +210,8 @@ class PartialStoreFailure(StoreUnavailable):
 
 class ShuttingDown(Unavailable):
     """The engine (or its batcher) is closing and takes no new work."""
+
+    reason = "SHUTTING_DOWN"
 
 
 class Unauthenticated(RnnserveError):

@@ -533,6 +533,7 @@ class ModelRunner:
                     f"session {step.session_id!r} is at seq {view.seq}; "
                     f"the step expected seq {step.seq}",
                     current_seq=view.seq,
+                    requested_seq=step.seq,
                 )
         if replays:
             stats.replayed += len(replays)

@@ -1,8 +1,9 @@
 """The one place where domain errors become gRPC status codes.
 
-`StatusInterceptor` wraps every handler: an `RnnserveError` aborts the call with
-its code and message (notes included), anything else is logged with its
-traceback and answered INTERNAL with a generic message. It also authenticates
+`StatusInterceptor` wraps every handler (both services): an `RnnserveError` aborts the
+call with its code and message (notes included) and its `rnnserve.v1.ErrorDetail`
+(reason, seqs) as the binary trailing metadata `rnnserve-error-bin`; anything else is
+logged with its traceback and answered INTERNAL with a generic message. It also authenticates
 the caller (`TokenAuth`) and sets the per-call context (`namespace`,
 `request_id`) that servicers and logs read, and counts every call in the call
 metrics, by method, model (the one its first request names, bounded to the loaded
@@ -32,6 +33,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
 from rnnserve.service import tracing
 from rnnserve.service.errors import (
     InvalidArgument,
@@ -113,6 +115,25 @@ def error_message(exc: BaseException) -> str:
     """The message with any notes (`add_note`) appended, as one line each."""
     notes = getattr(exc, "__notes__", None) or []
     return "; ".join([str(exc), *notes])
+
+
+#: The trailing metadata key of a failed call's `ErrorDetail` (binary: `-bin`).
+ERROR_DETAIL_KEY = "rnnserve-error-bin"
+
+
+def error_detail(exc: BaseException) -> pb.ErrorDetail:
+    """The machine-readable part of the status a client sees for `exc`."""
+    if not isinstance(exc, RnnserveError):
+        return pb.ErrorDetail(reason="INTERNAL")
+    return pb.ErrorDetail(
+        reason=exc.reason, current_seq=exc.current_seq, requested_seq=exc.requested_seq
+    )
+
+
+def error_message_of(exc: BaseException) -> pb.Error:
+    """`exc` as a stream's in-band `Error` (code, message, detail)."""
+    code, message = describe(exc)
+    return pb.Error(code=code.value[0], message=message, detail=error_detail(exc))
 
 
 def describe(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -386,7 +407,8 @@ def _wrap(
     async def abort(context: aio.ServicerContext, exc: BaseException) -> None:
         code, message = describe(exc)
         count(code.name)
-        await context.abort(code, message)
+        detail = error_detail(exc).SerializeToString()
+        await context.abort(code, message, trailing_metadata=((ERROR_DETAIL_KEY, detail),))
 
     if handler.unary_unary or handler.stream_unary:
         behavior = handler.unary_unary or handler.stream_unary

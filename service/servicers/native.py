@@ -19,7 +19,13 @@ from rnnserve.service.engine import ManyResult, ManySteps, SessionEngine, Sessio
 from rnnserve.service.errors import InvalidArgument
 from rnnserve.service.record import SessionRecord
 from rnnserve.service.servicers._streams import serve_submitted
-from rnnserve.service.status import describe, namespace_var, stream_reader
+from rnnserve.service.status import (
+    describe,
+    error_detail,
+    error_message_of,
+    namespace_var,
+    stream_reader,
+)
 from rnnserve.service.wire import decode_named, encode_named, encode_tensor, spec_message
 
 # Steps of one StepStream being processed at once (back-pressure on the client).
@@ -108,11 +114,10 @@ class RecurrentServicer(pb_grpc.RecurrentServicer):  # type: ignore[misc]
         # context (no async generators in between): a stream carries many sessions'
         # steps, and its per-message cost is most of what a streamed step costs.
         def failed(request: pb.StepRequest, exc: BaseException) -> pb.StepResponse:
-            code, message = describe(exc)  # one bad step must not end the stream
-            return pb.StepResponse(
+            return pb.StepResponse(  # one bad step must not end the stream
                 session_id=request.session_id,
                 request_id=request.request_id,
-                error=pb.Error(code=code.value[0], message=message),
+                error=error_message_of(exc),
             )
 
         def submit(request: pb.StepRequest) -> pb.StepResponse | asyncio.Future[StepResult]:
@@ -147,15 +152,20 @@ class RecurrentServicer(pb_grpc.RecurrentServicer):  # type: ignore[misc]
     def _many_reply(request: pb.StepManyRequest, result: ManyResult) -> pb.StepManyResponse:
         codes = [0] * len(result.errors)
         messages = [""] * len(result.errors)
+        details: list[pb.ErrorDetail] = []  # only when a row failed: the fast path pays nothing
         for k, error in enumerate(result.errors):
             if error is not None:
                 code, messages[k] = describe(error)
                 codes[k] = code.value[0]
+                if not details:
+                    details = [pb.ErrorDetail() for _ in result.errors]
+                details[k].CopyFrom(error_detail(error))
         return pb.StepManyResponse(
             batch_id=request.batch_id,
             session_ids=request.session_ids,
             codes=codes,
             messages=messages,
+            details=details,
             seqs=result.seqs,
             replayed=result.replayed,
             outputs=encode_named(result.output_specs, result.outputs),
@@ -174,9 +184,8 @@ class RecurrentServicer(pb_grpc.RecurrentServicer):  # type: ignore[misc]
         pendings: dict[asyncio.Future[None], ManySteps] = {}
 
         def failed(request: pb.StepManyRequest, exc: BaseException) -> pb.StepManyResponse:
-            code, message = describe(exc)  # one refused message must not end the stream
-            return pb.StepManyResponse(
-                batch_id=request.batch_id, error=pb.Error(code=code.value[0], message=message)
+            return pb.StepManyResponse(  # one refused message must not end the stream
+                batch_id=request.batch_id, error=error_message_of(exc)
             )
 
         def submit(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -67,3 +68,23 @@ def test_importing_errors_imports_no_transport() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("name", errors.__all__)
+def test_every_error_has_a_reason_drawn_in_the_tree(name: str) -> None:
+    """The reason is the wire's `ErrorDetail.reason`: UPPER_SNAKE_CASE, the code's own
+    name unless the class names a more specific one, and shown in the module's tree."""
+    cls = getattr(errors, name)
+    if cls is errors.RnnserveError:
+        return
+    assert re.fullmatch(r"[A-Z][A-Z_]*", cls.reason), cls.reason
+    if "reason" not in cls.__dict__:
+        assert cls.reason == cls.code
+    assert cls.reason in (errors.__doc__ or "")
+
+
+def test_seq_conflict_carries_the_requested_seq() -> None:
+    exc = errors.SeqConflict("session 'a' is at seq 4", current_seq=4, requested_seq=2)
+    assert (exc.reason, exc.current_seq, exc.requested_seq) == ("SEQ_CONFLICT", 4, 2)
+    assert errors.ModelVersionMismatch("x").reason == "VERSION_MISMATCH"
+    assert errors.ModelVersionMismatch("x").current_seq is None

@@ -113,13 +113,25 @@ class StepRequest(_message.Message):
     version: str
     def __init__(self, model: _Optional[str] = ..., session_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., seq: _Optional[int] = ..., request_id: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
+class ErrorDetail(_message.Message):
+    __slots__ = ("reason", "current_seq", "requested_seq")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    current_seq: int
+    requested_seq: int
+    def __init__(self, reason: _Optional[str] = ..., current_seq: _Optional[int] = ..., requested_seq: _Optional[int] = ...) -> None: ...
+
 class Error(_message.Message):
-    __slots__ = ("code", "message")
+    __slots__ = ("code", "message", "detail")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    detail: ErrorDetail
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., detail: _Optional[_Union[ErrorDetail, _Mapping]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("session_id", "seq", "outputs", "replayed", "request_id", "error")
@@ -218,7 +230,7 @@ class StepManyRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., session_ids: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., seqs: _Optional[_Iterable[int]] = ..., request_ids: _Optional[_Iterable[str]] = ..., batch_id: _Optional[str] = ...) -> None: ...
 
 class StepManyResponse(_message.Message):
-    __slots__ = ("batch_id", "session_ids", "codes", "messages", "seqs", "replayed", "outputs", "error")
+    __slots__ = ("batch_id", "session_ids", "codes", "messages", "seqs", "replayed", "outputs", "error", "details")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
     CODES_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +239,7 @@ class StepManyResponse(_message.Message):
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
     batch_id: str
     session_ids: _containers.RepeatedScalarFieldContainer[str]
     codes: _containers.RepeatedScalarFieldContainer[int]
@@ -235,7 +248,8 @@ class StepManyResponse(_message.Message):
     replayed: _containers.RepeatedScalarFieldContainer[bool]
     outputs: _containers.RepeatedCompositeFieldContainer[Tensor]
     error: Error
-    def __init__(self, batch_id: _Optional[str] = ..., session_ids: _Optional[_Iterable[str]] = ..., codes: _Optional[_Iterable[int]] = ..., messages: _Optional[_Iterable[str]] = ..., seqs: _Optional[_Iterable[int]] = ..., replayed: _Optional[_Iterable[bool]] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    details: _containers.RepeatedCompositeFieldContainer[ErrorDetail]
+    def __init__(self, batch_id: _Optional[str] = ..., session_ids: _Optional[_Iterable[str]] = ..., codes: _Optional[_Iterable[int]] = ..., messages: _Optional[_Iterable[str]] = ..., seqs: _Optional[_Iterable[int]] = ..., replayed: _Optional[_Iterable[bool]] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., details: _Optional[_Iterable[_Union[ErrorDetail, _Mapping]]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
