@@ -1,4 +1,5 @@
-"""The asyncio client (grpc.aio): `AsyncClient` and its `AsyncSession` handles.
+"""The asyncio client (grpc.aio): `AsyncClient` and its `AsyncSession` handles (the
+transport of `_core.py`).
 
     async with AsyncClient(["10.0.0.1:8001", "10.0.0.2:8001"]) as client:
         session = await client.session("lstm")
@@ -7,7 +8,8 @@
             ...
         await session.end()
 
-The same behaviour as the blocking `Client` (`_sync.py`), awaited.
+The same behaviour as the blocking `Client` (`_sync.py`), awaited: both drive the one
+core (`ClientCore`, `SessionCore`, `SequenceRun`).
 """
 
 from __future__ import annotations
@@ -20,39 +22,23 @@ from typing import Any, Self
 import grpc
 from grpc import aio
 
+from rnnserve.client._core import ClientCore, SessionCore
 from rnnserve.client._exceptions import (
     ClientError,
     ConnectionFailed,
-    StepsLost,
     from_error_message,
     from_rpc_error,
-    rolled_back,
 )
 from rnnserve.client._models import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    RETRYABLE,
     ExportedState,
     Inputs,
     ManyResult,
     ModelInfo,
     Outputs,
-    RequestIds,
-    RetryPolicy,
     SessionInfo,
     Signature,
-    auth_metadata,
-    channel_credentials,
-    channel_options,
-    decode_outputs,
-    encode_named,
-    many_request,
-    new_id,
-    normalize_addresses,
-    sequence_length,
     simplify,
-    slice_sequence,
     stack_outputs,
-    step_of,
 )
 from rnnserve.client._sync import ProgressCallback
 from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
@@ -61,80 +47,36 @@ from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 __all__ = ["AsyncClient", "AsyncSession", "ManyStream"]
 
 
-class AsyncClient:
+class AsyncClient(ClientCore):
     """The asyncio twin of `Client`: same arguments, same retries and failover."""
 
-    def __init__(
-        self,
-        addresses: str | Sequence[str],
-        *,
-        token: str | None = None,
-        tls: bool | grpc.ChannelCredentials = False,
-        timeout: float | None = 30.0,
-        stream_timeout: float | None = None,
-        retry: RetryPolicy | None = None,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        interceptors: Sequence[Any] = (),
-    ) -> None:
-        self.addresses = normalize_addresses(addresses)
-        self.timeout = timeout
-        self.stream_timeout = stream_timeout
-        self.retry = retry or RetryPolicy()
-        self._metadata = auth_metadata(token)
-        self._credentials = channel_credentials(tls)
-        self._options = channel_options(max_message_bytes)
-        self._interceptors = tuple(interceptors)
-        self._channels: dict[int, aio.Channel] = {}
-        self._current = 0
-        self._signatures: dict[tuple[str, str], Signature] = {}
-        self._closed = False
-
-    # -- connection ----------------------------------------------------------------
-    @property
-    def address(self) -> str:
-        return self.addresses[self._current]
-
+    # -- transport ------------------------------------------------------------------
     def _stub(self) -> Any:
-        if self._closed:
-            raise ClientError("the client is closed")
+        self.check_open()
         channel = self._channels.get(self._current)
         if channel is None:
+            interceptors = self._interceptors or None
             if self._credentials is None:
                 channel = aio.insecure_channel(
-                    self.address, options=self._options, interceptors=self._interceptors or None
+                    self.address, options=self._options, interceptors=interceptors
                 )
             else:
                 channel = aio.secure_channel(
-                    self.address,
-                    self._credentials,
-                    self._options,
-                    interceptors=self._interceptors or None,
+                    self.address, self._credentials, self._options, interceptors=interceptors
                 )
             self._channels[self._current] = channel
         return pb_grpc.RecurrentStub(channel)  # type: ignore[no-untyped-call]
 
-    async def _failover(self, retry: int, failed: int | None = None) -> None:
-        """Move past the address that failed (`failed`: its index; default: the current
-        one), then wait the backoff of retry number `retry`. Calls that failed together
-        on one address move on once: each rotating the shared index would send half of
-        them back to the address that failed."""
-        failed = self._current if failed is None else failed
-        if self._current == failed:
-            self._current = (failed + 1) % len(self.addresses)
-        await asyncio.sleep(self.retry.backoff_s(retry))
-
     async def _call(self, method: str, request: Any) -> Any:
-        for attempt in range(self.retry.attempts):
+        attempts = self.unary_attempts()
+        while True:
             used = self._current
             try:
                 return await getattr(self._stub(), method)(
                     request, timeout=self.timeout, metadata=self._metadata
                 )
             except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE or attempt == self.retry.attempts - 1:
-                    raise from_rpc_error(exc) from exc
-            await self._failover(attempt, used)
-        raise AssertionError("unreachable")
+                await asyncio.sleep(attempts.failed(exc, used))
 
     async def aclose(self) -> None:
         self._closed = True
@@ -154,22 +96,25 @@ class AsyncClient:
     ) -> None:
         await self.aclose()
 
-    # -- models --------------------------------------------------------------------
+    # -- models ---------------------------------------------------------------------
     async def list_models(self) -> list[ModelInfo]:
         reply = await self._call("ListModels", pb.ListModelsRequest())
         return [ModelInfo(m.name, tuple(m.versions), m.default_version) for m in reply.models]
 
     async def signature(self, model: str, version: str | None = None) -> Signature:
-        key = (model, version or "")
-        if key not in self._signatures:
-            reply = await self._call(
-                "GetModelSignature", pb.GetModelSignatureRequest(model=model, version=version or "")
-            )
-            signature = Signature.from_message(reply)
-            self._signatures[key] = self._signatures[(model, signature.version)] = signature
-        return self._signatures[key]
+        """See `Client.signature`."""
+        return await self._signature(model, version)
 
-    # -- sessions ------------------------------------------------------------------
+    async def _signature(
+        self, model: str, version: str | None, *, default_cached: bool = False
+    ) -> Signature:
+        cached = self.cached_signature(model, version, default_cached=default_cached)
+        if cached is not None:
+            return cached
+        reply = await self._call("GetModelSignature", self.signature_request(model, version))
+        return self.remember_signature(reply, asked=version)
+
+    # -- sessions -------------------------------------------------------------------
     async def session(
         self,
         model: str,
@@ -181,21 +126,7 @@ class AsyncClient:
     ) -> AsyncSession:
         """Start a session (see `Client.session`)."""
         signature = await self.signature(model, version)
-        request = pb.StartSessionRequest(
-            model=model,
-            version=signature.version,
-            session_id=session_id or new_id(),
-            constants=(
-                encode_named(signature.constants, constants, role="constant")
-                if constants is not None
-                else []
-            ),
-            initial_states=(
-                encode_named(signature.states, initial_states, role="state")
-                if initial_states is not None
-                else []
-            ),
-        )
+        request = self.start_request(signature, session_id, constants, initial_states)
         reply = await self._call("StartSession", request)
         return AsyncSession(self, signature, SessionInfo.from_message(reply.session))
 
@@ -206,13 +137,7 @@ class AsyncClient:
     async def import_session(
         self, model: str, session_id: str, record: bytes | ExportedState
     ) -> AsyncSession:
-        raw = record.record if isinstance(record, ExportedState) else record
-        reply = await self._call(
-            "ImportState",
-            pb.ImportStateRequest(
-                session=pb.SessionRef(model=model, session_id=session_id), record=raw
-            ),
-        )
+        reply = await self._call("ImportState", self.import_request(model, session_id, record))
         info = SessionInfo.from_message(reply)
         return AsyncSession(self, await self.signature(model, info.version), info)
 
@@ -227,8 +152,10 @@ class AsyncClient:
         version: str | None = None,
     ) -> ManyResult:
         """The next step of each of K sessions in one `StepMany` (see `Client.step_many`)."""
-        signature = await self.signature(model, version)
-        request = many_request(signature, session_ids, inputs, seqs=seqs, request_ids=request_ids)
+        signature = await self._signature(model, version, default_cached=True)
+        request = self.many_request(
+            signature, session_ids, inputs, seqs=seqs, request_ids=request_ids
+        )
         return ManyResult.from_message(await self._call("StepMany", request))
 
     def step_many_stream(self, model: str, *, version: str | None = None) -> ManyStream:
@@ -247,53 +174,20 @@ class AsyncClient:
         return SessionInfo.from_message(reply)
 
 
-class AsyncSession:
+class AsyncSession(SessionCore):
     """One server-side session (see `Session`); await one call at a time per handle."""
 
     def __init__(self, client: AsyncClient, signature: Signature, info: SessionInfo) -> None:
+        super().__init__(signature, info)
         self.client = client
-        self.signature = signature
-        self.model = info.model
-        self.session_id = info.session_id
-        self.version = info.version
-        self.seq = info.seq
-        self.last_replayed = False
-        self._ids = RequestIds()
-        self._seq_unknown = False
 
-    def __repr__(self) -> str:
-        return (
-            f"AsyncSession({self.model!r}, {self.session_id!r}, "
-            f"version={self.version!r}, seq={self.seq})"
-        )
-
-    def _ref(self) -> pb.SessionRef:
-        return pb.SessionRef(model=self.model, session_id=self.session_id)
-
-    async def _expected_seq(self) -> int:
-        if self._seq_unknown:
+    async def _resynced(self) -> None:
+        if self.seq_unknown:
             await self.info()
-        return self.seq
-
-    def _step_request(self, x: Inputs, seq: int, request_id: str) -> pb.StepRequest:
-        return pb.StepRequest(
-            model=self.model,
-            session_id=self.session_id,
-            inputs=encode_named(self.signature.inputs, x, role="input"),
-            seq=seq,
-            request_id=request_id,
-            version=self.version,
-        )
-
-    async def _send_step(self, request: pb.StepRequest) -> dict[str, Any]:
-        reply = await self.client._call("Step", request)
-        self.seq = int(reply.seq)
-        self.last_replayed = bool(reply.replayed)
-        return decode_outputs(reply.outputs)
 
     async def step(self, x: Inputs) -> Outputs:
-        request = self._step_request(x, await self._expected_seq(), self._ids.next())
-        return simplify(await self._send_step(request))
+        await self._resynced()
+        return simplify(self.step_done(await self.client._call("Step", self.step_request(x))))
 
     async def stream(
         self, xs: Inputs, *, on_step: ProgressCallback | None = None
@@ -309,112 +203,53 @@ class AsyncSession:
     async def _iter_sequence(
         self, xs: Inputs, on_step: ProgressCallback | None
     ) -> AsyncIterator[dict[str, Any]]:
-        specs = self.signature.inputs
-        total = sequence_length(specs, xs)
-        base = await self._expected_seq()
-        request_id = self._ids.next()
-        acked = 0
-        failures = 0
-        self._seq_unknown = True
-        while acked < total:
-            start = acked
+        await self._resynced()
+        run = self.sequence(xs, self.client.retry.attempts)
+        while (request := run.next_call()) is not None:
             call: Any = None
             try:
                 call = self.client._stub().RunSequenceStream(
-                    pb.RunSequenceRequest(
-                        model=self.model,
-                        session_id=self.session_id,
-                        inputs=encode_named(specs, slice_sequence(specs, xs, start), role="input"),
-                        seq=base + start,
-                        request_id=f"{request_id}@{start}",
-                        version=self.version,
-                    ),
-                    timeout=self.client.stream_timeout,
-                    metadata=self.client._metadata,
+                    request, timeout=self.client.stream_timeout, metadata=self.client._metadata
                 )
                 async for reply in call:
-                    self.seq = int(reply.seq)
-                    acked += 1
-                    failures = 0
+                    outputs = run.reply(reply)
                     if on_step is not None:
-                        on_step(acked, total)
-                    yield decode_outputs(reply.outputs)
+                        on_step(run.acked, run.total)
+                    yield outputs
                 continue
             except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE or failures == self.client.retry.attempts - 1:
-                    raise from_rpc_error(exc) from exc
+                await asyncio.sleep(self.client.failover(run.failed(exc)))
             finally:
-                if call is not None and acked < total:
+                if call is not None and not run.done:
                     call.cancel()
-            await self.client._failover(failures)
-            failures += 1
-            applied = (await self.info()).seq - base
-            self._seq_unknown = True
-            if applied == acked + 1:
-                step_id = f"{request_id}@{start}#{acked - start}"
-                replay = self._step_request(step_of(specs, xs, acked), base + acked, step_id)
-                outputs = await self._send_step(replay)
-                acked += 1
+            replay = run.resync(await self.info())
+            if replay is not None:
+                outputs = run.replayed(await self.client._call("Step", replay))
                 if on_step is not None:
-                    on_step(acked, total)
+                    on_step(run.acked, run.total)
                 yield outputs
-            elif applied < acked:  # the store lost steps it acknowledged
-                raise rolled_back(
-                    self.session_id, stored_seq=base + applied, requested_seq=base + acked
-                )
-            elif applied != acked:
-                raise StepsLost(
-                    f"session {self.session_id!r}: the server applied {applied} step(s) of "
-                    f"this sequence but only {acked} repl(ies) arrived",
-                    acknowledged=acked,
-                    current_seq=base + applied,
-                )
-        self._seq_unknown = False
 
     async def info(self) -> SessionInfo:
-        info = await self.client._get_session(self.model, self.session_id)
-        self.seq = info.seq
-        self._seq_unknown = False
-        return info
+        return self.synced(await self.client._get_session(self.model, self.session_id))
 
     async def reset(
         self, *, constants: Inputs | None = None, initial_states: Mapping[str, Any] | None = None
     ) -> SessionInfo:
-        request = pb.ResetSessionRequest(
-            session=self._ref(),
-            constants=(
-                encode_named(self.signature.constants, constants, role="constant")
-                if constants is not None
-                else []
-            ),
-            initial_states=(
-                encode_named(self.signature.states, initial_states, role="state")
-                if initial_states is not None
-                else []
-            ),
-        )
-        info = SessionInfo.from_message(await self.client._call("ResetSession", request))
-        self.seq = info.seq
-        self._seq_unknown = False
-        return info
+        request = self.reset_request(constants, initial_states)
+        reply = await self.client._call("ResetSession", request)
+        return self.synced(SessionInfo.from_message(reply))
 
     async def end(self) -> bool:
-        return bool((await self.client._call("EndSession", self._ref())).existed)
+        return bool((await self.client._call("EndSession", self.ref())).existed)
 
     async def export(self) -> ExportedState:
-        exported = ExportedState.from_message(await self.client._call("ExportState", self._ref()))
+        exported = ExportedState.from_message(await self.client._call("ExportState", self.ref()))
         self.seq = exported.info.seq
         return exported
 
     async def import_(self, record: bytes | ExportedState) -> SessionInfo:
-        raw = record.record if isinstance(record, ExportedState) else record
-        reply = await self.client._call(
-            "ImportState", pb.ImportStateRequest(session=self._ref(), record=raw)
-        )
-        info = SessionInfo.from_message(reply)
-        self.seq = info.seq
-        self._seq_unknown = False
-        return info
+        reply = await self.client._call("ImportState", self.import_request(record))
+        return self.synced(SessionInfo.from_message(reply))
 
     async def __aenter__(self) -> Self:
         return self
@@ -456,7 +291,9 @@ class ManyStream:
         self._ended: ClientError | None = None
 
     async def __aenter__(self) -> Self:
-        self._signature = await self.client.signature(self.model, self.version)
+        self._signature = await self.client._signature(
+            self.model, self.version, default_cached=True
+        )
         self._call = self.client._stub().StepManyStream(
             timeout=self.client.stream_timeout, metadata=self.client._metadata
         )
@@ -486,7 +323,7 @@ class ManyStream:
             raise self._ended
         self._batches += 1
         batch_id = str(self._batches)
-        request = many_request(
+        request = self.client.many_request(
             self._signature,
             session_ids,
             inputs,

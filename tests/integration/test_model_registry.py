@@ -182,3 +182,23 @@ def test_servicers_read_the_engine(versioned_server: ServerThread, versioned_rep
         assert _infer(kserve, "").model_version == "2"
         ready = kserve.ModelReady(kserve_pb.ModelReadyRequest(name="lstm", version="10"))
         assert not ready.ready
+
+
+def test_a_long_lived_client_follows_the_default_version(
+    versioned_server: ServerThread, versioned_repo: Path
+) -> None:
+    """The SDK caches named versions' signatures only: after a rolling update (a new
+    highest version, the old one unloaded) new sessions start on the new default."""
+    from rnnserve.client import Client
+
+    x = np.zeros(4, "float32")
+    with Client(versioned_server.address) as client:
+        before = client.session("lstm")
+        assert before.version == "10"
+        before.step(x)
+        shutil.rmtree(versioned_repo / "lstm" / "10")
+        versioned_server.call(versioned_server.server.repository.sync())
+        after = client.session("lstm")
+        assert after.version == "2"
+        after.step(x)
+        assert client.step_many("lstm", [after.session_id], x[None]).ok.all()
