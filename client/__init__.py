@@ -19,6 +19,7 @@ from the status code and the server's reason (`.reason`), never from message tex
 """
 
 from rnnserve.client._async import AsyncClient, AsyncSession, ManyStream
+from rnnserve.client._convert import convert
 from rnnserve.client._exceptions import (
     ClientError,
     ConnectionFailed,
@@ -69,4 +70,5 @@ __all__ = [
     "TensorSpec",
     "Unauthorized",
     "VersionMismatch",
+    "convert",
 ]

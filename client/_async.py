@@ -169,6 +169,11 @@ class AsyncClient(ClientCore):
         """
         return ManyStream(self, model, version)
 
+    async def end_session(self, model: str, session_id: str) -> bool:
+        """End (delete) a session by id; False if there was none (ending twice is fine)."""
+        ref = pb.SessionRef(model=model, session_id=session_id)
+        return bool((await self._call("EndSession", ref)).existed)
+
     async def _get_session(self, model: str, session_id: str) -> SessionInfo:
         reply = await self._call("GetSession", pb.SessionRef(model=model, session_id=session_id))
         return SessionInfo.from_message(reply)

@@ -9,12 +9,13 @@ import math
 import random
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 import grpc
 import numpy as np
 
+from rnnserve.client._convert import convert
 from rnnserve.client._exceptions import ClientError, InvalidRequest, from_status, status_code
 from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
 
@@ -31,7 +32,8 @@ __all__ = [
 ]
 
 #: An array-like (models with one input: numpy array, list, number) or a mapping
-#: of array-likes by input name. Values are cast to the signature's dtypes.
+#: of array-likes by input name. Values are converted to the signature's dtypes by
+#: lossless casts only (`rnnserve.client.convert`).
 Inputs: TypeAlias = Any
 #: One array (models with one output) or arrays by output name.
 Outputs: TypeAlias = "np.ndarray | dict[str, np.ndarray]"
@@ -83,6 +85,8 @@ class Signature:
     max_batch_size: int
     idle_timeout_s: float
     max_sequence_length: int
+    #: Free-form strings about the model (its config.yaml's `metadata:`).
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_message(cls, message: pb.ModelSignature) -> Signature:
@@ -99,6 +103,7 @@ class Signature:
             max_batch_size=int(message.max_batch_size),
             idle_timeout_s=float(message.idle_timeout_seconds),
             max_sequence_length=int(message.max_sequence_length),
+            metadata=dict(message.metadata),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,6 +120,7 @@ class Signature:
             "max_batch_size": self.max_batch_size,
             "idle_timeout_s": self.idle_timeout_s,
             "max_sequence_length": self.max_sequence_length,
+            "metadata": dict(self.metadata),
         }
 
 
@@ -175,7 +181,8 @@ def decode_tensor(tensor: pb.Tensor) -> np.ndarray:
 def encode_named(specs: Sequence[TensorSpec], values: Inputs, *, role: str) -> list[pb.Tensor]:
     """Tensors for `specs` from one array (single-spec models) or a mapping by name.
 
-    Values are cast to the spec's dtype, so JSON lists and Python ints work.
+    Values are converted to the spec's dtype by lossless casts only (`convert`), so
+    JSON lists and Python numbers work, and a value that would change is refused.
     """
     if isinstance(values, Mapping):
         unknown = sorted(set(values) - {s.name for s in specs})
@@ -186,12 +193,16 @@ def encode_named(specs: Sequence[TensorSpec], values: Inputs, *, role: str) -> l
                 + (f", unknown {unknown}" if unknown else "")
                 + (f", missing {missing}" if missing else "")
             )
-        return [encode_tensor(s.name, values[s.name], s.dtype) for s in specs]
+        return [
+            encode_tensor(s.name, convert(values[s.name], s.dtype, name=s.name, role=role))
+            for s in specs
+        ]
     if len(specs) != 1:
         raise InvalidRequest(
             f"this model has {len(specs)} {role}s {[s.name for s in specs]}: pass a dict by name"
         )
-    return [encode_tensor(specs[0].name, values, specs[0].dtype)]
+    spec = specs[0]
+    return [encode_tensor(spec.name, convert(values, spec.dtype, name=spec.name, role=role))]
 
 
 def decode_outputs(tensors: Sequence[pb.Tensor]) -> dict[str, np.ndarray]:

@@ -174,6 +174,11 @@ class Client(ClientCore):
         )
         return ManyResult.from_message(self._call("StepMany", request))
 
+    def end_session(self, model: str, session_id: str) -> bool:
+        """End (delete) a session by id; False if there was none (ending twice is fine)."""
+        ref = pb.SessionRef(model=model, session_id=session_id)
+        return bool((self._call("EndSession", ref)).existed)
+
     def _get_session(self, model: str, session_id: str) -> SessionInfo:
         reply = self._call("GetSession", pb.SessionRef(model=model, session_id=session_id))
         return SessionInfo.from_message(reply)

@@ -133,7 +133,11 @@ def _connect(ctx: typer.Context) -> Any:
     options = ctx.obj
     tls: Any = options["tls"]
     if options["ca_file"] is not None:
-        tls = grpc.ssl_channel_credentials(root_certificates=options["ca_file"].read_bytes())
+        try:
+            roots = options["ca_file"].read_bytes()
+        except OSError as exc:
+            raise _usage(f"--ca-file {options['ca_file']}: {exc.strerror or exc}") from None
+        tls = grpc.ssl_channel_credentials(root_certificates=roots)
     return Client(options["addresses"], token=options["token"], tls=tls, timeout=options["timeout"])
 
 
@@ -150,46 +154,123 @@ def _jsonable(session: Any, outputs: Any) -> dict[str, Any]:
     return {name: value.tolist() for name, value in outputs.items()}
 
 
-def _fail(exc: Exception) -> typer.Exit:
+def _usage(message: str) -> typer.Exit:
+    """A mistake in the command (its options, its input): one line, exit 2."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def _fail(exc: Exception, note: str = "") -> typer.Exit:
+    """A `ClientError`: exit 1 with the status code for what the server answered, exit 2
+    for what the client refused before sending (a value that does not convert, ...)."""
     code = getattr(exc, "code", None)
     prefix = f"{code.name}: " if code is not None else ""
-    typer.echo(f"error: {prefix}{exc}", err=True)
-    return typer.Exit(1)
+    typer.echo(f"error: {prefix}{exc}{note}", err=True)
+    return typer.Exit(1 if code is not None else 2)
+
+
+def _json_option(text: str | None, option: str) -> Any:
+    """The value of a JSON option (None when not given); bad JSON is a usage error."""
+    import json
+
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _usage(f"{option}: not valid JSON ({exc})") from None
 
 
 def _open_session(
-    client: Any, model: str, session_id: str | None, version: str | None, constants: str | None
-) -> Any:
-    """Attach to `session_id` if it exists, else start it (a new id when None)."""
-    import json
-
+    client: Any,
+    model: str,
+    session_id: str | None,
+    *,
+    start: bool,
+    version: str | None,
+    constants: Any,
+) -> tuple[Any, bool]:
+    """(session, started): a new session when no id is given (or, with `start`, when the
+    id does not exist); else the existing one, which must not be given constants or
+    another version (they only apply to a new session)."""
     from rnnserve.client import NotFound
 
-    if session_id is not None and constants is None:
+    if session_id is not None:
         try:
-            return client.attach(model, session_id)
-        except NotFound:
-            pass
-    return client.session(
-        model,
-        session_id,
-        version=version,
-        constants=json.loads(constants) if constants is not None else None,
-    )
+            session = client.attach(model, session_id)
+        except NotFound as exc:
+            if not start:
+                raise _fail(exc, "; pass --start to start it") from None
+        else:
+            if constants is not None:
+                raise _usage(
+                    f"session {session_id!r} is live (seq {session.seq}): --constants apply "
+                    f"to a new session only; restart it with new ones: rnnserve client "
+                    f"reset {model} {session_id} --constants '...'"
+                )
+            if version is not None and version != session.version:
+                raise _usage(
+                    f"session {session_id!r} is live on version {session.version!r}: "
+                    "--version applies to a new session only; end it (rnnserve client end "
+                    f"{model} {session_id}) and start it again with --version {version}"
+                )
+            return session, False
+    return client.session(model, session_id, version=version, constants=constants), True
+
+
+def _ended_note(client: Any, session: Any, started: bool) -> str:
+    """After a failed call: end the session this command started for it, and say so."""
+    from rnnserve.client import ClientError
+
+    if not started:
+        return ""
+    try:
+        client.end_session(session.model, session.session_id)
+    except ClientError:
+        return f" (the session {session.session_id!r} started for this call was left behind)"
+    return f" (the session {session.session_id!r} started for this call was ended)"
 
 
 def _load_sequence(path: Path) -> Any:
-    """`.npy` (one input), `.npz` (arrays by input name) or `.json` (a list or a dict)."""
+    """`.npy` (one input), `.npz` (arrays by input name) or `.json` (a list or a dict);
+    anything unreadable, or no steps at all, is a usage error."""
     import json
 
     import numpy as np
 
-    if path.suffix == ".npy":
-        return np.load(path)
-    if path.suffix == ".npz":
-        with np.load(path) as arrays:
-            return {name: arrays[name] for name in arrays.files}
-    return json.loads(path.read_text())
+    try:
+        if path.suffix == ".npy":
+            xs: Any = np.load(path, allow_pickle=False)
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as arrays:
+                xs = {name: arrays[name] for name in arrays.files}
+        else:
+            xs = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise _usage(f"--input {path}: cannot read it ({exc})") from None
+    first = next(iter(xs.values()), []) if isinstance(xs, dict) else xs
+    try:
+        steps = 0 if isinstance(first, str) else len(first)
+    except TypeError:  # a number, a 0-d array
+        steps = 0
+    if steps == 0:
+        raise _usage(f"--input {path}: no steps (a sequence is (T, ...) per input, T >= 1)")
+    return xs
+
+
+JsonOption = Annotated[str | None, typer.Option(help="JSON constants for a new session")]
+SessionOption = Annotated[
+    str | None,
+    typer.Option("--session", help="an existing session (default: a new one; see --start)"),
+]
+StartOption = Annotated[
+    bool, typer.Option("--start", help="start the --session id if it does not exist")
+]
+VersionOption = Annotated[
+    str | None, typer.Option(help="model version of a new session (default: the latest)")
+]
+ModelArgument = Annotated[str, typer.Argument(help="model name")]
+SessionArgument = Annotated[str, typer.Argument(help="session id")]
 
 
 @client_app.command("models")
@@ -213,10 +294,10 @@ def client_models(ctx: typer.Context) -> None:
 @client_app.command("signature")
 def client_signature(
     ctx: typer.Context,
-    model: Annotated[str, typer.Argument(help="model name")],
+    model: ModelArgument,
     version: Annotated[str | None, typer.Option(help="default: the latest loaded")] = None,
 ) -> None:
-    """A model's step signature: inputs, constants, states, outputs (JSON)."""
+    """A model's step signature: inputs, constants, states, outputs, metadata (JSON)."""
     from rnnserve.client import ClientError
 
     try:
@@ -229,26 +310,33 @@ def client_signature(
 @client_app.command("start")
 def client_start(
     ctx: typer.Context,
-    model: Annotated[str, typer.Argument(help="model name")],
+    model: ModelArgument,
     session_id: Annotated[str | None, typer.Option("--session", help="default: a new id")] = None,
-    version: Annotated[str | None, typer.Option(help="default: the latest loaded")] = None,
+    version: VersionOption = None,
     constants: Annotated[
         str | None, typer.Option(help="JSON constants by name, e.g. '{\"context\": [1, 0]}'")
     ] = None,
 ) -> None:
-    """Start (or restart) a session; prints its id and seq (JSON)."""
-    import json
+    """Start a new session; prints its id, version and seq (JSON).
 
-    from rnnserve.client import ClientError
+    An id that is already a session is refused: `reset` restarts one.
+    """
+    from rnnserve.client import ClientError, NotFound
 
+    values = _json_option(constants, "--constants")
     try:
         with _connect(ctx) as client:
-            session = client.session(
-                model,
-                session_id,
-                version=version,
-                constants=json.loads(constants) if constants is not None else None,
-            )
+            if session_id is not None:
+                try:
+                    live = client.attach(model, session_id)
+                except NotFound:
+                    pass
+                else:
+                    raise _usage(
+                        f"session {session_id!r} exists (seq {live.seq}); restart it with "
+                        f"rnnserve client reset {model} {session_id}"
+                    )
+            session = client.session(model, session_id, version=version, constants=values)
     except ClientError as exc:
         raise _fail(exc) from exc
     _print_json({"session_id": session.session_id, "version": session.version, "seq": session.seq})
@@ -257,25 +345,32 @@ def client_start(
 @client_app.command("step")
 def client_step(
     ctx: typer.Context,
-    model: Annotated[str, typer.Argument(help="model name")],
+    model: ModelArgument,
     json_input: Annotated[
         str, typer.Option("--json", help="one step's inputs, e.g. '{\"chars\": 3}'")
     ],
-    session_id: Annotated[
-        str | None, typer.Option("--session", help="continue this session (default: a new one)")
-    ] = None,
-    version: Annotated[str | None, typer.Option(help="for a new session")] = None,
-    constants: Annotated[str | None, typer.Option(help="JSON constants for a new session")] = None,
+    session_id: SessionOption = None,
+    start: StartOption = False,
+    version: VersionOption = None,
+    constants: JsonOption = None,
 ) -> None:
-    """One step of a session; prints session id, seq and outputs (JSON)."""
-    import json
+    """One step of a session; prints session id, seq and outputs (JSON).
 
+    Without --session a new session is started; a call that fails ends it again.
+    """
     from rnnserve.client import ClientError
 
+    x = _json_option(json_input, "--json")
+    values = _json_option(constants, "--constants")
     try:
         with _connect(ctx) as client:
-            session = _open_session(client, model, session_id, version, constants)
-            outputs = session.step(json.loads(json_input))
+            session, started = _open_session(
+                client, model, session_id, start=start, version=version, constants=values
+            )
+            try:
+                outputs = session.step(x)
+            except ClientError as exc:
+                raise _fail(exc, _ended_note(client, session, started)) from exc
     except ClientError as exc:
         raise _fail(exc) from exc
     _print_json(
@@ -291,41 +386,49 @@ def client_step(
 @client_app.command("run")
 def client_run(
     ctx: typer.Context,
-    model: Annotated[str, typer.Argument(help="model name")],
+    model: ModelArgument,
     input_file: Annotated[
         Path,
         typer.Option(
             "--input", exists=True, dir_okay=False, help=".npy, .npz or .json: (T, ...) per input"
         ),
     ],
-    session_id: Annotated[
-        str | None, typer.Option("--session", help="continue this session (default: a new one)")
-    ] = None,
-    version: Annotated[str | None, typer.Option(help="for a new session")] = None,
-    constants: Annotated[str | None, typer.Option(help="JSON constants for a new session")] = None,
+    session_id: SessionOption = None,
+    start: StartOption = False,
+    version: VersionOption = None,
+    constants: JsonOption = None,
     end: Annotated[bool, typer.Option(help="end the session afterwards")] = False,
 ) -> None:
-    """Run a whole sequence through a session; prints all outputs, (T, ...) each (JSON)."""
+    """Run a whole sequence through a session; prints all outputs, (T, ...) each (JSON).
+
+    Without --session a new session is started; a call that fails ends it again.
+    """
     from rich.console import Console
     from rich.progress import Progress
 
     from rnnserve.client import ClientError
 
     xs = _load_sequence(input_file)
+    values = _json_option(constants, "--constants")
     try:
         with _connect(ctx) as client:
-            session = _open_session(client, model, session_id, version, constants)
-            first = xs[session.signature.inputs[0].name] if isinstance(xs, dict) else xs
+            session, started = _open_session(
+                client, model, session_id, start=start, version=version, constants=values
+            )
+            first = next(iter(xs.values())) if isinstance(xs, dict) else xs
             total = len(first)
-            with Progress(
-                console=Console(stderr=True),
-                transient=True,
-                disable=total < PROGRESS_MIN_STEPS,
-            ) as progress:
-                task = progress.add_task(f"{model}: {total} steps", total=total)
-                outputs = session.run(
-                    xs, on_step=lambda done, _: progress.update(task, completed=done)
-                )
+            try:
+                with Progress(
+                    console=Console(stderr=True),
+                    transient=True,
+                    disable=total < PROGRESS_MIN_STEPS,
+                ) as progress:
+                    task = progress.add_task(f"{model}: {total} steps", total=total)
+                    outputs = session.run(
+                        xs, on_step=lambda done, _: progress.update(task, completed=done)
+                    )
+            except ClientError as exc:
+                raise _fail(exc, _ended_note(client, session, started)) from exc
             if end:
                 session.end()
     except ClientError as exc:
@@ -339,12 +442,30 @@ def client_run(
     )
 
 
-@client_app.command("info")
-def client_info(
+@client_app.command("reset")
+def client_reset(
     ctx: typer.Context,
-    model: Annotated[str, typer.Argument(help="model name")],
-    session_id: Annotated[str, typer.Argument(help="session id")],
+    model: ModelArgument,
+    session_id: SessionArgument,
+    constants: Annotated[
+        str | None, typer.Option(help="JSON constants by name (default: keep the session's)")
+    ] = None,
 ) -> None:
+    """Restart a session: seq 0, initial states (and new constants if given) (JSON)."""
+    from rnnserve.client import ClientError
+
+    values = _json_option(constants, "--constants")
+    try:
+        with _connect(ctx) as client:
+            session = client.attach(model, session_id)
+            info = session.reset(constants=values)
+    except ClientError as exc:
+        raise _fail(exc) from exc
+    _print_json({"session_id": info.session_id, "version": info.version, "seq": info.seq})
+
+
+@client_app.command("info")
+def client_info(ctx: typer.Context, model: ModelArgument, session_id: SessionArgument) -> None:
     """A session's model version, seq and expiry (JSON)."""
     import dataclasses
 
@@ -359,18 +480,13 @@ def client_info(
 
 
 @client_app.command("end")
-def client_end(
-    ctx: typer.Context,
-    model: Annotated[str, typer.Argument(help="model name")],
-    session_id: Annotated[str, typer.Argument(help="session id")],
-) -> None:
-    """End (delete) a session."""
-    from rnnserve.client import Client, ClientError
+def client_end(ctx: typer.Context, model: ModelArgument, session_id: SessionArgument) -> None:
+    """End (delete) a session; `existed` is false if there was none (JSON)."""
+    from rnnserve.client import ClientError
 
     try:
         with _connect(ctx) as client:
-            assert isinstance(client, Client)
-            existed = client.attach(model, session_id).end()
+            existed = client.end_session(model, session_id)
     except ClientError as exc:
         raise _fail(exc) from exc
     _print_json({"existed": existed})
@@ -386,41 +502,60 @@ def client_generate(
     length: Annotated[int, typer.Option(min=1, help="characters to generate")] = 40,
     vocabulary: Annotated[
         Path | None,
-        typer.Option(help="characters in token order (default: models/<model>/vocabulary.txt)"),
+        typer.Option(
+            help="a file of the characters in token order (default: the model's signature "
+            "metadata `vocabulary`)"
+        ),
     ] = None,
 ) -> None:
     """Greedy text generation with a character model (the demo char-LSTM).
 
-    The prompt runs as one sequence; then each most likely next character is fed
-    back one step at a time. Characters map to token ids through the vocabulary
-    file `demo-model` writes next to the model.
+    The prompt runs as one sequence; then each most likely next character is fed back
+    one step at a time, and printed as it comes. Characters map to token ids through
+    the vocabulary the model's signature carries (config.yaml's `metadata:`, which
+    `demo-model` writes), or --vocabulary.
     """
+    import sys
+
     import numpy as np
 
     from rnnserve.client import ClientError
 
-    path = vocabulary or Path("models") / model / "vocabulary.txt"
-    if not path.is_file():
-        typer.echo(f"error: no vocabulary file {path} (pass --vocabulary)", err=True)
-        raise typer.Exit(1)
-    chars = path.read_text()
-    index = {ch: i for i, ch in enumerate(chars)}
-    unknown = sorted(set(prompt) - set(index))
-    if not prompt or unknown:
-        typer.echo(f"error: the prompt needs characters of the vocabulary {chars!r}", err=True)
-        raise typer.Exit(1)
+    chars: str | None = None
+    if vocabulary is not None:
+        try:
+            chars = vocabulary.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _usage(f"--vocabulary {vocabulary}: cannot read it ({exc})") from None
+    printed = False
     try:
-        with _connect(ctx) as client, client.session(model) as session:
-            logits = np.asarray(session.run(np.array([index[c] for c in prompt])))[-1]
-            produced: list[str] = []
-            for i in range(length):
-                token = int(np.argmax(logits))
-                produced.append(chars[token])
-                if i < length - 1:
-                    logits = np.asarray(session.step(token))
+        with _connect(ctx) as client:
+            signature = client.signature(model)
+            if chars is None:
+                chars = signature.metadata.get("vocabulary")
+            if not chars:
+                raise _usage(
+                    f"model {model!r} has no `vocabulary` in its signature's metadata "
+                    "(config.yaml `metadata:`); pass --vocabulary FILE"
+                )
+            index = {ch: i for i, ch in enumerate(chars)}
+            if not prompt or set(prompt) - set(index):
+                raise _usage(f"the prompt needs characters of the vocabulary {chars!r}")
+            with client.session(model, version=signature.version) as session:
+                logits = np.asarray(session.run(np.array([index[c] for c in prompt])))[-1]
+                typer.echo(prompt, nl=False)
+                printed = True
+                for i in range(length):
+                    token = int(np.argmax(logits))
+                    typer.echo(chars[token], nl=False)
+                    sys.stdout.flush()
+                    if i < length - 1:
+                        logits = np.asarray(session.step(token))
+            typer.echo("")
     except ClientError as exc:
+        if printed:
+            typer.echo("")
         raise _fail(exc) from exc
-    typer.echo(prompt + "".join(produced))
 
 
 def main() -> None:

@@ -164,7 +164,7 @@ def demo_model(
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
-    from rnnserve.core.demo import VOCABULARY, train_char_lstm
+    from rnnserve.core.demo import train_char_lstm
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}")) as progress:
         task = progress.add_task(f"training the demo char-LSTM ({epochs} epochs)", total=None)
@@ -173,9 +173,23 @@ def demo_model(
         folder = output / "char_lstm" / "1"
         folder.mkdir(parents=True, exist_ok=True)
         model.save(folder / "model.keras")
-        (folder / "config.yaml").write_text("max_batch_size: 64\nidle_timeout_s: 3600\n")
-        (output / "char_lstm" / "vocabulary.txt").write_text("".join(VOCABULARY))
+        write_char_config(folder)
     typer.echo(f"wrote {folder / 'model.keras'}")
+
+
+def write_char_config(folder: Path) -> None:
+    """The demo model's `config.yaml`: its limits, and its vocabulary (the characters in
+    token order) as signature metadata, which `rnnserve client generate` reads."""
+    import yaml
+
+    from rnnserve.core.demo import VOCABULARY
+
+    config = {
+        "max_batch_size": 64,
+        "idle_timeout_s": 3600,
+        "metadata": {"vocabulary": "".join(VOCABULARY)},
+    }
+    (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def server_app() -> typer.Typer:

@@ -53,6 +53,8 @@ class ModelConfigFile(BaseModel):
     idle_timeout_s: float | None = Field(None, gt=0)
     state_dtype: Literal["float32", "float16"] | None = None
     warmup: bool | None = None
+    #: Free-form strings sent with the signature (ModelSignature.metadata).
+    metadata: dict[str, str] = Field(default_factory=dict)
 
     def runner_config(self, settings: Settings) -> RunnerConfig:
         def pick(value: Any, default: Any) -> Any:
@@ -66,6 +68,7 @@ class ModelConfigFile(BaseModel):
             idle_timeout_s=pick(self.idle_timeout_s, settings.idle_timeout_s),
             states_float16=pick(self.state_dtype, settings.state_dtype) == "float16",
             reject_nonfinite=settings.nonfinite_inputs == "reject",
+            metadata=dict(self.metadata),
         )
 
 

@@ -99,6 +99,9 @@ class RunnerConfig:
     - `reject_nonfinite`: floating inputs, constants and initial states holding NaN or
       +-Inf are INVALID_ARGUMENT (one such step would poison the session's state for
       good); False lets them through to the model.
+    - `metadata`: free-form strings about the model (config.yaml's `metadata:`), sent
+      with its signature; e.g. the demo model's `vocabulary` (its characters in token
+      order), which `rnnserve client generate` reads.
     """
 
     max_batch_size: int = 256
@@ -112,6 +115,7 @@ class RunnerConfig:
     max_cas_retries: int = 16
     max_sequence_length: int = 100_000
     reject_nonfinite: bool = True
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -357,4 +357,5 @@ class RecurrentServicer(pb_grpc.RecurrentServicer):  # type: ignore[misc]
             max_batch_size=loaded.config.max_batch_size,
             idle_timeout_seconds=loaded.config.idle_timeout_s,
             max_sequence_length=loaded.config.max_sequence_length,
+            metadata=loaded.config.metadata,
         )

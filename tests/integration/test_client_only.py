@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import venv
 from collections.abc import Iterator
 from pathlib import Path
 
-import keras
 import pytest
 
+from tests.models import write_char_lstm
 from tests.servers import close_output, spawn_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,9 +78,17 @@ def test_the_client_package_imports_no_server_module() -> None:
 def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A new venv holding `pip install rnnserve-<version>.whl` (the base install only)."""
     root = tmp_path_factory.mktemp("client-only")
+    source = root / "source"  # a copy: building writes build/ and *.egg-info beside the sources
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "constraints.txt"):
+        shutil.copy2(ROOT / name, source / name)
+    for folder in ("core", "service", "client", "protocol"):
+        shutil.copytree(
+            ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__")
+        )
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-         "-q", "-w", str(root / "dist"), str(ROOT)],
+         "-q", "-w", str(root / "dist"), str(source)],
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip
     wheel = next((root / "dist").glob("rnnserve-*.whl"))
@@ -96,14 +105,7 @@ def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def char_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from rnnserve.core.demo import VOCABULARY, build_char_lstm
-
-    root = tmp_path_factory.mktemp("char-models")
-    keras.utils.set_random_seed(3)
-    folder = root / "char_lstm" / "1"
-    folder.mkdir(parents=True)
-    build_char_lstm(units=16, embedding=8).save(folder / "model.keras")
-    (root / "char_lstm" / "vocabulary.txt").write_text("".join(VOCABULARY))
+    root = write_char_lstm(tmp_path_factory.mktemp("char-models"))
     process, port = spawn_server(root, env={"RNNSERVE_WARMUP": "false"})
     try:
         yield f"127.0.0.1:{port}"
@@ -146,6 +148,12 @@ def test_base_install_runs_the_readme_client_commands(client_venv: Path, char_se
     assert step.returncode == 0, step.stderr
     reply = json.loads(step.stdout)
     assert reply["seq"] == 1 and len(reply["outputs"]["logits"]) > 1
+    generate = _run(
+        client_venv, "client", "--address", char_server, "generate", "char_lstm",
+        "--prompt", "serving ", "--length", "40",
+    )  # fmt: skip
+    assert generate.returncode == 0, generate.stderr
+    assert generate.stdout.startswith("serving ") and len(generate.stdout) == len("serving ") + 41
     models = _run(client_venv, "client", "--address", char_server, "models")
     assert models.returncode == 0, models.stderr
     assert [m["name"] for m in json.loads(models.stdout)] == ["char_lstm"]

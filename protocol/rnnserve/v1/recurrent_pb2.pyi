@@ -30,7 +30,14 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelSignature(_message.Message):
-    __slots__ = ("model", "version", "inputs", "constants", "states", "outputs", "max_batch_size", "idle_timeout_seconds", "max_sequence_length")
+    __slots__ = ("model", "version", "inputs", "constants", "states", "outputs", "max_batch_size", "idle_timeout_seconds", "max_sequence_length", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +47,7 @@ class ModelSignature(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     inputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
@@ -49,7 +57,8 @@ class ModelSignature(_message.Message):
     max_batch_size: int
     idle_timeout_seconds: float
     max_sequence_length: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., constants: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., states: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., idle_timeout_seconds: _Optional[float] = ..., max_sequence_length: _Optional[int] = ...) -> None: ...
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., constants: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., states: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., idle_timeout_seconds: _Optional[float] = ..., max_sequence_length: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
     __slots__ = ("session_id", "model", "version", "seq", "created_unix", "updated_unix", "expires_in_seconds")
