@@ -9,8 +9,8 @@ import pytest
 from google.protobuf import message_factory
 from google.protobuf.descriptor import FieldDescriptor
 
-from rnnserve.service._generated.inference import grpc_service_pb2
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2
+from rnnserve.protocol.inference import grpc_service_pb2
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2
 from rnnserve.service.metrics import UNKNOWN_MODEL
 from rnnserve.service.status import model_label, model_named
 
