@@ -1,9 +1,14 @@
 """Logging setup: plain or one JSON object per line, each with the call's request id
-(and, with tracing on, its trace id); and TensorFlow's native import noise dropped."""
+(and, with tracing on, its trace id); and TensorFlow's native import noise dropped.
+
+Imports nothing of the server but `tracing.py` (a leaf): the request id is a context
+variable defined here, which the interceptor sets for each call (`call_context.py`).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -15,7 +20,11 @@ from collections.abc import Iterator
 from typing import Final
 
 from rnnserve.service import tracing
-from rnnserve.service.status import request_id_var
+
+#: The request id of the call being served ("-" outside calls), on every log line.
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "rnnserve_request_id", default="-"
+)
 
 __all__ = ["JsonFormatter", "configure_logging", "drop_native_info", "quiet_native_imports"]
 

@@ -37,8 +37,10 @@ from rnnserve.protocol.inference import grpc_service_pb2_grpc as kserve_grpc
 from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
 from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 from rnnserve.service import tracing
+from rnnserve.service.auth import TokenAuth
 from rnnserve.service.engine import SessionEngine
 from rnnserve.service.errors import RnnserveError
+from rnnserve.service.interceptor import StatusInterceptor
 from rnnserve.service.metrics import (
     MULTIPROC_ENV,
     MetricsServer,
@@ -49,7 +51,6 @@ from rnnserve.service.repository import ModelRepository
 from rnnserve.service.servicers.kserve import InferenceServicer, rnnserve_version
 from rnnserve.service.servicers.native import RecurrentServicer
 from rnnserve.service.settings import Settings, auto_compute_threads, available_cpus, redact_url
-from rnnserve.service.status import StatusInterceptor, TokenAuth
 from rnnserve.service.store import (
     MemoryStore,
     RedisClusterStore,

@@ -1,7 +1,7 @@
 """`rnnserve.v1.Recurrent`: decode the request, call the engine, encode the reply.
 
 No model or state logic lives here: names, shapes, dtypes, seq and sessions are
-the engine's business; errors become status codes in `status.py`.
+the engine's business; errors become statuses in `grpc_status.py`.
 """
 
 from __future__ import annotations
@@ -15,17 +15,13 @@ from grpc import aio
 
 from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
 from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
+from rnnserve.service.call_context import namespace_var
 from rnnserve.service.engine import ManyResult, ManySteps, SessionEngine, SessionInfo, StepResult
 from rnnserve.service.errors import InvalidArgument
+from rnnserve.service.grpc_status import describe, error_detail, error_status
+from rnnserve.service.interceptor import stream_reader
 from rnnserve.service.record import SessionRecord
 from rnnserve.service.servicers._streams import serve_submitted
-from rnnserve.service.status import (
-    describe,
-    error_detail,
-    error_message_of,
-    namespace_var,
-    stream_reader,
-)
 from rnnserve.service.wire import decode_named, encode_named, encode_tensor, spec_message
 
 # Steps of one StepStream being processed at once (back-pressure on the client).
@@ -117,7 +113,7 @@ class RecurrentServicer(pb_grpc.RecurrentServicer):  # type: ignore[misc]
             return pb.StepResponse(  # one bad step must not end the stream
                 session_id=request.session_id,
                 request_id=request.request_id,
-                error=error_message_of(exc),
+                error=error_status(exc),
             )
 
         def submit(request: pb.StepRequest) -> pb.StepResponse | asyncio.Future[StepResult]:
@@ -185,7 +181,7 @@ class RecurrentServicer(pb_grpc.RecurrentServicer):  # type: ignore[misc]
 
         def failed(request: pb.StepManyRequest, exc: BaseException) -> pb.StepManyResponse:
             return pb.StepManyResponse(  # one refused message must not end the stream
-                batch_id=request.batch_id, error=error_message_of(exc)
+                batch_id=request.batch_id, error=error_status(exc)
             )
 
         def submit(

@@ -291,7 +291,7 @@ def test_request_ids_flow_into_json_log_lines(metered) -> None:
     handler = root.handlers[0]
     stream = io.StringIO()
     handler.setStream(stream)  # type: ignore[attr-defined]
-    status_logger = logging.getLogger("rnnserve.service.status")
+    status_logger = logging.getLogger("rnnserve.service.interceptor")
     status_logger.setLevel(logging.DEBUG)
     rid = f"rid-{uuid.uuid4().hex[:8]}"
     try:

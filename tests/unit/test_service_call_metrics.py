@@ -1,5 +1,5 @@
 """The call metrics' `model` label: read from every request that names a model, of both
-services, and bounded to the loaded models (`status.model_named`, `status.model_label`)."""
+services, and bounded to the loaded models (`interceptor.model_named`, `interceptor.model_label`)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from rnnserve.protocol.inference import grpc_service_pb2
 from rnnserve.protocol.rnnserve.v1 import recurrent_pb2
+from rnnserve.service.interceptor import model_label, model_named
 from rnnserve.service.metrics import UNKNOWN_MODEL
-from rnnserve.service.status import model_label, model_named
 
 # The calls that name no model: their `model` label is empty.
 NAME_NO_MODEL = {

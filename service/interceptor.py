@@ -1,11 +1,12 @@
-"""The one place where domain errors become gRPC status codes.
+"""The one server interceptor, shared by both services (native and KServe).
 
 `StatusInterceptor` wraps every handler (both services): an `RnnserveError` aborts the
 call with its code and message (notes included) and its `rnnserve.v1.ErrorDetail`
 (reason, seqs) as the binary trailing metadata `rnnserve-error-bin`; anything else is
-logged with its traceback and answered INTERNAL with a generic message. It also authenticates
-the caller (`TokenAuth`) and sets the per-call context (`namespace`,
-`request_id`) that servicers and logs read, and counts every call in the call
+logged with its traceback and answered INTERNAL with a generic message (the mapping
+is `grpc_status.py`). It also authenticates
+the caller (`auth.TokenAuth`) and sets the per-call context (`namespace`,
+`request_id`, `call_context.py`) that servicers and logs read, and counts every call in the call
 metrics, by method, model (the one its first request names, bounded to the loaded
 ones: `model_label`) and status code.
 
@@ -19,41 +20,31 @@ nothing about whether to retry elsewhere.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import inspect
-import itertools
 import logging
 import operator
-import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 from grpc import aio
 
-from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
 from rnnserve.service import tracing
+from rnnserve.service.auth import TokenAuth
+from rnnserve.service.call_context import namespace_var, new_request_id, request_id_var
 from rnnserve.service.errors import (
     InvalidArgument,
     RnnserveError,
     ShuttingDown,
-    Unauthenticated,
     Unavailable,
 )
+from rnnserve.service.grpc_status import ERROR_DETAIL_KEY, describe, error_detail
 from rnnserve.service.metrics import UNKNOWN_MODEL, MethodMetrics, request_metrics
 
+__all__ = ["StatusInterceptor", "model_label", "model_named", "stream_reader"]
+
 logger = logging.getLogger(__name__)
-
-STATUS_CODES: Mapping[str, grpc.StatusCode] = {code.name: code for code in grpc.StatusCode}
-
-namespace_var: contextvars.ContextVar[str] = contextvars.ContextVar(
-    "rnnserve_namespace", default="default"
-)
-request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar(
-    "rnnserve_request_id", default="-"
-)
 
 # Probes must work without a token.
 UNAUTHENTICATED_SERVICES = ("/grpc.health.v1.Health/",)
@@ -105,99 +96,6 @@ def model_label(name: str, loaded: Callable[[str], bool] | None) -> str:
     if not name:
         return ""
     return name if loaded is not None and loaded(name) else UNKNOWN_MODEL
-
-
-def status_code(exc: RnnserveError) -> grpc.StatusCode:
-    return STATUS_CODES.get(exc.code, grpc.StatusCode.UNKNOWN)
-
-
-def error_message(exc: BaseException) -> str:
-    """The message with any notes (`add_note`) appended, as one line each."""
-    notes = getattr(exc, "__notes__", None) or []
-    return "; ".join([str(exc), *notes])
-
-
-#: The trailing metadata key of a failed call's `ErrorDetail` (binary: `-bin`).
-ERROR_DETAIL_KEY = "rnnserve-error-bin"
-
-
-def error_detail(exc: BaseException) -> pb.ErrorDetail:
-    """The machine-readable part of the status a client sees for `exc`."""
-    if not isinstance(exc, RnnserveError):
-        return pb.ErrorDetail(reason="INTERNAL")
-    return pb.ErrorDetail(
-        reason=exc.reason, current_seq=exc.current_seq, requested_seq=exc.requested_seq
-    )
-
-
-def error_message_of(exc: BaseException) -> pb.Error:
-    """`exc` as a stream's in-band `Error` (code, message, detail)."""
-    code, message = describe(exc)
-    return pb.Error(code=code.value[0], message=message, detail=error_detail(exc))
-
-
-def describe(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """(code, message) a client sees for `exc`; unknown errors are INTERNAL, logged."""
-    if isinstance(exc, RnnserveError):
-        return status_code(exc), error_message(exc)
-    logger.error("unexpected error", exc_info=exc)
-    return grpc.StatusCode.INTERNAL, "internal error (logged on the server)"
-
-
-class TokenAuth:
-    """Bearer tokens, each mapped to the namespace its sessions live in."""
-
-    def __init__(self, tokens: Mapping[str, str]) -> None:
-        if not tokens:
-            raise InvalidArgument("auth is enabled but no token is configured")
-        self._tokens = dict(tokens)
-
-    @classmethod
-    def from_settings(cls, tokens_file: Path | None, tokens: str | None) -> TokenAuth | None:
-        """`token namespace` lines in a file and/or `token=namespace,...`; None: no auth."""
-        pairs: dict[str, str] = {}
-        if tokens_file is not None:
-            for number, line in enumerate(tokens_file.read_text().splitlines(), start=1):
-                line = line.strip()
-                if not line or line.startswith("#"):
-                    continue
-                parts = line.split()
-                if len(parts) != 2:
-                    raise InvalidArgument(f"{tokens_file}:{number}: expected `token namespace`")
-                pairs[parts[0]] = parts[1]
-        for item in (tokens or "").split(","):
-            if item.strip():
-                token, sep, namespace = item.strip().partition("=")
-                if not sep or not token or not namespace:
-                    raise InvalidArgument("auth tokens: expected `token=namespace,...`")
-                pairs[token] = namespace
-        return cls(pairs) if pairs else None
-
-    def namespace_for(self, metadata: Any) -> str:
-        header = ""
-        for key, value in metadata or ():
-            if key == "authorization":
-                header = value if isinstance(value, str) else value.decode()
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise Unauthenticated("missing `authorization: Bearer <token>` metadata")
-        namespace = self._tokens.get(token.strip())
-        if namespace is None:
-            raise Unauthenticated("unknown token")
-        return namespace
-
-
-_ID_PREFIX = secrets.token_hex(4) + "-"
-_ids = itertools.count(1)
-
-
-def _request_id(metadata: Any) -> str:
-    for key, value in metadata or ():
-        if key == "x-request-id":
-            text = value if isinstance(value, str) else value.decode()
-            return text[:128]
-    # Unique per process without a syscall per call (uuid4 reads os.urandom).
-    return f"{_ID_PREFIX}{next(_ids):x}"
 
 
 class StatusInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
@@ -270,7 +168,7 @@ class StatusInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         return _wrap(
             handler,
             namespace or "",
-            _request_id(metadata),
+            new_request_id(metadata),
             failure,
             calls,
             request_metrics(details.method),
