@@ -1,4 +1,9 @@
-"""Shared test setup: quiet TensorFlow, deterministic seeds, a model repository and servers."""
+"""Shared test setup: quiet TensorFlow, deterministic seeds, a model repository and servers.
+
+The fast lane for day-to-day work is `pytest -m "not slow"`: every test of the files in
+`SLOW_FILES` (processes started and killed, fault injection, soak, fresh virtual
+environments) is marked `slow` here, besides the tests marked one by one. CI runs all.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,38 @@ from pathlib import Path
 import keras
 import pytest
 
-from tests.servers import ServerThread, write_repository
+from tests.models import write_repository
+from tests.servers import ServerThread
+
+#: Files whose every test is `slow` (paths from the repository root).
+SLOW_FILES = frozenset(
+    {
+        "tests/reliability/test_backpressure.py",
+        "tests/reliability/test_bad_input.py",
+        "tests/reliability/test_cluster.py",
+        "tests/reliability/test_duplicate_delivery.py",
+        "tests/reliability/test_idle_expiry.py",
+        "tests/reliability/test_namespaces.py",
+        "tests/reliability/test_redis_restart.py",
+        "tests/reliability/test_replica_death.py",
+        "tests/reliability/test_soak.py",
+        "tests/integration/test_compute_process.py",
+        "tests/integration/test_grpc_lifecycle.py",
+        "tests/integration/test_health.py",
+        "tests/integration/test_processes.py",
+        "tests/integration/test_redis_faults.py",
+        "tests/integration/test_startup_errors.py",
+        "tests/integration/test_two_engines_race.py",
+    }
+)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.relative_to(ROOT).as_posix() in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
+
 
 REDIS_URL = os.environ.get("RNNSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 

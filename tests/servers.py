@@ -1,7 +1,7 @@
 """Real servers for tests: a small model repository, an in-process server thread,
 and a server subprocess (for signals).
 
-    repo = write_repository(tmp_path)           # models "lstm" and "ctx"
+    repo = write_repository(tmp_path)           # tests/models.py: "lstm" and "ctx"
     with ServerThread(Settings(model_repository=repo, port=0)) as server:
         channel = grpc.insecure_channel(server.address)
 """
@@ -19,75 +19,6 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
-
-import keras
-import numpy as np
-
-from rnnserve.core import RecurrentModel, from_keras
-
-FEATURES = 4
-UNITS = 8
-OUTPUTS = 3
-CONTEXT = 2
-
-
-def lstm_model() -> keras.Model:
-    """`lstm`: an ordinary Keras model, LSTM(8) over 4 features + Dense(3)."""
-    return keras.Sequential(
-        [
-            keras.Input((None, FEATURES), name="x"),
-            keras.layers.LSTM(UNITS, return_sequences=True, name="lstm"),
-            keras.layers.Dense(OUTPUTS, name="y"),
-        ],
-        name="lstm_model",
-    )
-
-
-def context_model() -> keras.Model:
-    """`ctx`: a step graph with a constant (per-session context) and a GRU cell."""
-    x_t = keras.Input((FEATURES,), name="x")
-    context = keras.Input((CONTEXT,), name="context")
-    h = keras.Input((UNITS,), name="h")
-    out, [h_t] = keras.layers.GRUCell(UNITS, name="gru")(
-        keras.layers.concatenate([x_t, context]), [h]
-    )
-    y = keras.layers.Dense(OUTPUTS, name="y")(out)
-    rnn = RecurrentModel(
-        sequence_inputs=x_t,
-        constant_inputs=context,
-        state_inputs=h,
-        sequence_outputs=y,
-        state_outputs=h_t,
-        return_sequences=True,
-        name="ctx_rnn",
-    )
-    xs = keras.Input((None, FEATURES), name="xs")
-    cs = keras.Input((CONTEXT,), name="cs")
-    return keras.Model([xs, cs], rnn(xs, constants=[cs]), name="ctx_model")
-
-
-def write_repository(root: Path, *, max_batch_size: int = 64) -> Path:
-    """`root/lstm/1`, `root/ctx/1`: small trained-free models saved as `.keras`."""
-    keras.utils.set_random_seed(42)
-    for name, model in (("lstm", lstm_model()), ("ctx", context_model())):
-        folder = root / name / "1"
-        folder.mkdir(parents=True, exist_ok=True)
-        model.save(folder / "model.keras")
-        (folder / "config.yaml").write_text(
-            f"max_batch_size: {max_batch_size}\nmax_queue_delay_ms: 2\n"
-        )
-    return root
-
-
-def reference(repo: Path, name: str, xs: np.ndarray, constants: Any = None) -> np.ndarray:
-    """Offline outputs `(batch, time, OUTPUTS)` of model `name` on sequences `xs`."""
-    model = keras.models.load_model(repo / name / "1" / "model.keras", compile=False)
-    recurrent = model if isinstance(model, RecurrentModel) else from_keras(model)
-    if recurrent.layout.n_constants:
-        # The saved model wraps the RecurrentModel; run its layer directly.
-        layer = next(lyr for lyr in model.layers if isinstance(lyr, RecurrentModel))
-        return np.asarray(keras.ops.convert_to_numpy(layer(xs, constants=[constants])))
-    return np.asarray(keras.ops.convert_to_numpy(recurrent(xs)))
 
 
 class ServerThread:

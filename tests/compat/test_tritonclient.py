@@ -30,7 +30,8 @@ from tritonclient.grpc import service_pb2_grpc as triton_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from rnnserve.core import RecurrentModel
-from tests.servers import CONTEXT, FEATURES, OUTPUTS, ServerThread, reference, write_repository
+from tests.models import CONTEXT, FEATURES, OUTPUTS, reference, write_repository
+from tests.servers import ServerThread
 
 N_SEQUENCES = 64  # of each id kind
 MAX_STEPS = 5

@@ -11,12 +11,13 @@ from typing import Any
 
 import grpc
 import numpy as np
-import redis
 
 from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
 from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 from rnnserve.service.wire import decode_tensor, encode_tensor
-from tests.servers import FEATURES, ServerThread, reference
+from tests.models import FEATURES, reference
+from tests.redis_servers import delete_namespace
+from tests.servers import ServerThread
 
 __all__ = [
     "FEATURES",
@@ -75,16 +76,6 @@ def rpc_error(call: Any, *args: Any, **kwargs: Any) -> grpc.RpcError:
     except grpc.RpcError as exc:
         return exc
     raise AssertionError(f"expected an RPC error, got {result!r}")
-
-
-def delete_namespace(url: str, namespace: str) -> None:
-    client = redis.Redis.from_url(url)
-    try:
-        keys = list(client.scan_iter(match=f"rnnserve:{namespace}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""Small real Keras models for the engine tests, and their offline references.
+"""Small real Keras models for the engine tests (sizes of their own, built by
+tests/models.py), and their offline references.
 
 Importable by name from spawned worker processes (tests/integration is on sys.path).
 """
@@ -13,6 +14,7 @@ import keras
 import numpy as np
 
 from rnnserve.core import RecurrentModel, StepFunction, from_keras
+from tests import models
 
 FEATURES = 8
 UNITS = 16
@@ -21,15 +23,9 @@ CONSTANTS = 3
 
 
 def lstm_model(seed: int = 7) -> keras.Model:
-    """An ordinary Keras LSTM(16) + Dense(4) sequence model with fixed weights."""
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential(
-        [
-            keras.Input((None, FEATURES)),
-            keras.layers.LSTM(UNITS, return_sequences=True),
-            keras.layers.Dense(OUTPUTS),
-        ]
-    )
+    """The engine tests' LSTM(16) + Dense(4) over 8 features, with fixed weights
+    (`tests.models.lstm_model` at these sizes)."""
+    return models.lstm_model(features=FEATURES, units=UNITS, outputs=OUTPUTS, seed=seed)
 
 
 def constants_model(seed: int = 11) -> RecurrentModel:

@@ -14,10 +14,10 @@ import redis
 sys.path.insert(0, str(Path(__file__).parent))
 
 from _models import constants_model, lstm_model, step_function
-from _redis_server import MAIN_REDIS_URL, RedisServer
 
 from rnnserve.core import StepFunction
 from rnnserve.service.store import MemoryStore, RedisStore, StateStore
+from tests.redis_servers import MAIN_REDIS_URL, RedisProcess
 
 
 @pytest.fixture(scope="session")
@@ -78,8 +78,8 @@ async def make_store(
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
+def redis_server(tmp_path: Path) -> Iterator[RedisProcess]:
+    server = RedisProcess(tmp_path, aof=True)
     server.start()
     try:
         yield server

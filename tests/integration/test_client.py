@@ -9,7 +9,6 @@ test is always the real one.
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +30,9 @@ from rnnserve.client import (
     StepsLost,
     Unauthorized,
 )
-from tests.servers import CONTEXT, FEATURES, OUTPUTS, ServerThread, reference
+from tests.models import CONTEXT, FEATURES, OUTPUTS, reference
+from tests.ports import free_port
+from tests.servers import ServerThread
 
 FAST_RETRY = RetryPolicy(attempts=4, initial_backoff_s=0.01, max_backoff_s=0.05)
 
@@ -62,9 +63,7 @@ def _sequence(steps: int, seed: int = 0) -> np.ndarray:
 
 def _free_address() -> str:
     """An address nothing listens on (a replica that is down)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{probe.getsockname()[1]}"
+    return f"127.0.0.1:{free_port()}"
 
 
 # -- outputs -------------------------------------------------------------------------

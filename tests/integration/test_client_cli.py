@@ -12,8 +12,8 @@ import keras
 import numpy as np
 import pytest
 
-from tests.models import write_char_lstm
-from tests.servers import FEATURES, close_output, reference, spawn_server, write_repository
+from tests.models import FEATURES, reference, write_char_lstm, write_repository
+from tests.servers import close_output, spawn_server
 
 
 @pytest.fixture(scope="module")

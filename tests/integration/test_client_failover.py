@@ -10,7 +10,8 @@ import numpy as np
 import redis
 
 from rnnserve.client import Client, RetryPolicy
-from tests.servers import FEATURES, ServerThread, close_output, reference, spawn_server
+from tests.models import FEATURES, reference
+from tests.servers import ServerThread, close_output, spawn_server
 
 
 def test_killed_replica_the_session_continues_on_the_next(model_repo, redis_url):

@@ -31,7 +31,8 @@ from rnnserve.client import (
     SessionRolledBack,
 )
 from tests.integration._grpc_util import cached_reference, running_server, xs
-from tests.servers import FEATURES, OUTPUTS, ServerThread, unique
+from tests.models import FEATURES, OUTPUTS
+from tests.servers import ServerThread, unique
 
 ATOL = 1e-5
 OK = grpc.StatusCode.OK

@@ -25,7 +25,8 @@ from tests.integration._grpc_util import (
     tensor,
     xs,
 )
-from tests.servers import CONTEXT, ServerThread, unique
+from tests.models import CONTEXT
+from tests.servers import ServerThread, unique
 
 ATOL = 1e-5
 

@@ -26,7 +26,8 @@ from rnnserve.client._exceptions import from_status
 from rnnserve.protocol.inference import grpc_service_pb2 as kpb
 from rnnserve.protocol.inference import grpc_service_pb2_grpc as kgrpc
 from tests.integration._grpc_util import native_stub, pb, pb_grpc, rpc_error, running_server, tensor
-from tests.servers import FEATURES, ServerThread, unique, write_repository
+from tests.models import FEATURES, write_repository
+from tests.servers import ServerThread, unique
 
 DETAIL_KEY = "rnnserve-error-bin"
 

@@ -27,8 +27,9 @@ from tests.integration._grpc_util import (
     tensor,
     xs,
 )
-from tests.integration._redis_server import RedisServer
-from tests.servers import FEATURES, ServerThread, unique
+from tests.models import FEATURES
+from tests.redis_servers import RedisProcess
+from tests.servers import ServerThread, unique
 
 X = xs(1, 1, seed=0)[0, 0]
 TOKENS = "token-a=alpha,token-b=beta"
@@ -269,7 +270,7 @@ def test_invalid_argument_for_a_sequence_over_max_sequence_length(
 def test_unavailable_when_the_store_is_down(lstm_repo: Path, tmp_path: Path) -> None:
     # The store answers at start (a store that does not is waited for: test_health.py),
     # then goes away.
-    redis_server = RedisServer(tmp_path)
+    redis_server = RedisProcess(tmp_path, aof=True)
     redis_server.start()
     settings = Settings(
         model_repository=lstm_repo, port=0, host="127.0.0.1", warmup=False,

@@ -31,7 +31,8 @@ from tests.integration._grpc_util import (
     tensor,
     xs,
 )
-from tests.servers import CONTEXT, FEATURES, OUTPUTS, ServerThread, unique
+from tests.models import CONTEXT, FEATURES, OUTPUTS
+from tests.servers import ServerThread, unique
 
 ATOL = 1e-5
 OK = 0

@@ -24,7 +24,8 @@ from tests.integration._grpc_util import (
     tensor,
     xs,
 )
-from tests.servers import CONTEXT, FEATURES, OUTPUTS, UNITS, ServerThread, unique
+from tests.models import CONTEXT, FEATURES, OUTPUTS, UNITS
+from tests.servers import ServerThread, unique
 
 ATOL = 1e-5
 

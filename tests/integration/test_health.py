@@ -15,8 +15,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rnnserve.service.settings import Settings
-from tests.integration._redis_server import RedisServer, free_port
-from tests.servers import ServerThread, write_repository
+from tests.models import write_repository
+from tests.ports import free_port
+from tests.redis_servers import RedisProcess
+from tests.servers import ServerThread
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -46,7 +48,7 @@ def settings(repo: Path, **options: object) -> Settings:
 
 
 def test_not_serving_while_the_store_is_down(tmp_path: Path) -> None:
-    redis_server = RedisServer(tmp_path)
+    redis_server = RedisProcess(tmp_path, aof=True)
     redis_server.start()
     repo = write_repository(tmp_path / "models")
     try:
@@ -75,7 +77,7 @@ def test_not_serving_while_no_model_is_loaded(tmp_path: Path) -> None:
 
 
 def test_a_store_not_answering_at_start_is_waited_for(tmp_path: Path) -> None:
-    redis_server = RedisServer(tmp_path)  # its port, not started yet
+    redis_server = RedisProcess(tmp_path, aof=True)  # its port, not started yet
     repo = write_repository(tmp_path / "models")
     port = free_port()
     server = ServerThread(settings(repo, redis_url=redis_server.url, port=port))

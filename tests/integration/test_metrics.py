@@ -12,7 +12,6 @@ import io
 import json
 import logging
 import shutil
-import socket
 import threading
 import time
 import urllib.request
@@ -24,7 +23,6 @@ import grpc
 import numpy as np
 import pytest
 from _grpc_util import FEATURES, native_stub, pb, rpc_error, running_server, tensor
-from _redis_server import RedisServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from rnnserve.service.errors import RnnserveError, SeqConflict, SessionNotFound, StoreUnavailable
@@ -32,6 +30,8 @@ from rnnserve.service.logs import JsonFormatter, configure_logging
 from rnnserve.service.metrics import metric_names
 from rnnserve.service.server import NATIVE_SERVICE
 from rnnserve.service.settings import Settings
+from tests.ports import free_port
+from tests.redis_servers import RedisProcess
 from tests.servers import ServerThread, spawn_server
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -221,7 +221,7 @@ def test_a_process_whose_every_version_is_removed_reports_no_model_loaded(
     every `rnnserve_models_loaded` series at 0. A process of its own, as a pod is."""
     repo = tmp_path / "models"
     shutil.copytree(model_repo, repo)
-    metrics_port = _free_port()
+    metrics_port = free_port()
     process, _ = spawn_server(
         repo, "--metrics-port", str(metrics_port), "--repository-poll-s", "0.2",
         env={"RNNSERVE_WARMUP": "false"},
@@ -247,7 +247,7 @@ def test_a_process_whose_every_version_is_removed_reports_no_model_loaded(
         process.wait(timeout=60)
 
 
-def test_store_errors_with_a_dead_redis(model_repo: Path, redis_server: RedisServer) -> None:
+def test_store_errors_with_a_dead_redis(model_repo: Path, redis_server: RedisProcess) -> None:
     settings = Settings(
         model_repository=model_repo,
         port=0,
@@ -311,18 +311,12 @@ def test_request_ids_flow_into_json_log_lines(metered) -> None:
     assert any(method("StartSession") in e["message"] and "OK" in e["message"] for e in mine)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_two_processes_share_one_metrics_port_in_multiprocess_mode(
     model_repo: Path, tmp_path: Path
 ) -> None:
     """Two `rnnserve serve --reuse-port` processes, one PROMETHEUS_MULTIPROC_DIR, one
     metrics port: whichever answers the scrape reports both processes' steps."""
-    metrics_port = _free_port()
+    metrics_port = free_port()
     env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "RNNSERVE_WARMUP": "false"}
     args = ("--reuse-port", "true", "--metrics-port", str(metrics_port))
     spawned: list[tuple[object, int]] = []

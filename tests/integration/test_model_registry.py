@@ -21,7 +21,7 @@ from rnnserve.service.repository import ModelRepository
 from rnnserve.service.settings import Settings
 from rnnserve.service.store import MemoryStore
 from tests.integration._grpc_util import pb, pb_grpc
-from tests.servers import FEATURES as SERVER_FEATURES
+from tests.models import FEATURES as SERVER_FEATURES
 from tests.servers import ServerThread
 
 

@@ -25,7 +25,7 @@ import pytest
 from _grpc_util import FEATURES, delete_namespace, pb, pb_grpc, tensor
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.reliability._procs import free_port
+from tests.ports import free_port
 from tests.servers import unique
 
 LISTENING = r"rnnserve listening on port"

@@ -7,18 +7,18 @@ import asyncio
 import numpy as np
 import pytest
 from _models import FEATURES, offline_run
-from _redis_server import RedisServer
 
 from rnnserve.service.engine import RunnerConfig, SessionEngine
 from rnnserve.service.errors import StoreUnavailable
 from rnnserve.service.store import RedisStore
+from tests.redis_servers import RedisProcess
 
 ATOL = 1e-5
 HANG_DEADLINE_S = 10.0  # no call may take longer than this, outage or not
 
 
 @pytest.mark.slow
-async def test_redis_killed_and_restarted_mid_run(redis_server: RedisServer, lstm) -> None:
+async def test_redis_killed_and_restarted_mid_run(redis_server: RedisProcess, lstm) -> None:
     """Steps during the outage fail with StoreUnavailable (none hang); clients retry
     with the same seq + request id; after the restart every session has applied every
     step exactly once: outputs and states equal the offline reference."""
@@ -91,7 +91,7 @@ async def test_redis_killed_and_restarted_mid_run(redis_server: RedisServer, lst
                 np.testing.assert_allclose(got, want, atol=ATOL)
 
 
-async def test_store_calls_fail_fast_while_redis_is_down(redis_server: RedisServer) -> None:
+async def test_store_calls_fail_fast_while_redis_is_down(redis_server: RedisProcess) -> None:
     store = RedisStore.from_url(redis_server.url, connect_timeout_s=0.5, op_timeout_s=2.0)
     await store.ping()
     redis_server.kill()
@@ -103,7 +103,7 @@ async def test_store_calls_fail_fast_while_redis_is_down(redis_server: RedisServ
     await store.aclose()
 
 
-async def test_at_most_two_redis_calls_per_batch(redis_server: RedisServer, lstm) -> None:
+async def test_at_most_two_redis_calls_per_batch(redis_server: RedisProcess, lstm) -> None:
     """INFO commandstats on a private server: a batch of 256 sessions costs one MGET
     and one EVALSHA (the GETRANGE/SET calls counted inside the script are not round trips)."""
     _, step = lstm

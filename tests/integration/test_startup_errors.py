@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import write_repository
+from tests.models import write_repository
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from typing import IO
 import pytest
 
 from tests.integration._redis_server import free_port
-from tests.servers import write_repository
+from tests.models import write_repository
 
 pytestmark = pytest.mark.slow
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from _models import offline_run
 from _race_worker import race_worker
-from _redis_server import MAIN_REDIS_URL
 
 from rnnserve.service.engine import SessionEngine
 from rnnserve.service.store import RedisStore
+from tests.redis_servers import MAIN_REDIS_URL
 
 ATOL = 1e-5
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability._procs import RedisProcess
+from tests.redis_servers import RedisProcess
 
 
 @pytest.fixture

@@ -25,8 +25,10 @@ from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
 from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 from rnnserve.service.settings import Settings
 from rnnserve.service.wire import encode_tensor
-from tests.reliability._procs import RedisProcess, rss_bytes
-from tests.servers import FEATURES, ServerThread, write_repository
+from tests.models import FEATURES, write_repository
+from tests.redis_servers import RedisProcess
+from tests.reliability._procs import rss_bytes
+from tests.servers import ServerThread
 
 QUEUE_BOUND = 8
 MAX_BATCH = 2

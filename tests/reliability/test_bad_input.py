@@ -27,8 +27,9 @@ from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
 from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 from rnnserve.service.settings import Settings
 from rnnserve.service.wire import SERVED_DTYPES, encode_tensor
-from tests.reliability._procs import RedisProcess
-from tests.servers import FEATURES, ServerThread
+from tests.models import FEATURES
+from tests.redis_servers import RedisProcess
+from tests.servers import ServerThread
 
 EXAMPLES = int(os.environ.get("RNNSERVE_FUZZ_EXAMPLES", "500"))
 MAX_MESSAGE = 64 * 1024

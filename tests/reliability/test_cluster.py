@@ -23,8 +23,9 @@ from rnnserve.service.settings import Settings
 from rnnserve.service.store import Commit, RedisClusterStore
 from rnnserve.service.wire import decode_tensor, encode_tensor
 from tests.integration._grpc_util import cached_reference
-from tests.reliability._procs import commandstats, redis_cluster
-from tests.servers import FEATURES, ServerThread
+from tests.models import FEATURES
+from tests.redis_servers import commandstats, redis_cluster
+from tests.servers import ServerThread
 
 SESSIONS = 64
 STEPS = 12

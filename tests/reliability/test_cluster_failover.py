@@ -28,8 +28,8 @@ import redis
 from redis.crc import key_slot
 
 from rnnserve.service.settings import Settings
+from tests.redis_servers import RedisProcess, redis_cluster
 from tests.reliability._failover import Figures, drive, start_sessions, write_counter_repository
-from tests.reliability._procs import RedisProcess, redis_cluster
 from tests.servers import ServerThread
 
 pytestmark = pytest.mark.slow

@@ -22,8 +22,9 @@ from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 from rnnserve.service.settings import Settings
 from rnnserve.service.wire import decode_tensor, encode_tensor
 from tests.integration._grpc_util import cached_reference
-from tests.reliability._procs import delete_namespace
-from tests.servers import FEATURES, ServerThread
+from tests.models import FEATURES
+from tests.redis_servers import delete_namespace
+from tests.servers import ServerThread
 
 SESSIONS = 32
 STEPS = 8

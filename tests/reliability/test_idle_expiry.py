@@ -17,8 +17,9 @@ from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
 from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 from rnnserve.service.settings import Settings
 from rnnserve.service.wire import encode_tensor
-from tests.reliability._procs import delete_namespace
-from tests.servers import FEATURES, ServerThread
+from tests.models import FEATURES
+from tests.redis_servers import delete_namespace
+from tests.servers import ServerThread
 
 IDLE_TIMEOUT_S = 2.0
 HAS_METRICS = importlib.util.find_spec("rnnserve.service.metrics") is not None

@@ -15,7 +15,8 @@ from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
 from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 from rnnserve.service.settings import Settings
 from rnnserve.service.wire import encode_tensor
-from tests.servers import FEATURES, ServerThread
+from tests.models import FEATURES
+from tests.servers import ServerThread
 
 A = [("authorization", "Bearer token-a")]
 B = [("authorization", "Bearer token-b")]

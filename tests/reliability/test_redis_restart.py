@@ -21,7 +21,8 @@ from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 from rnnserve.service.settings import Settings
 from rnnserve.service.wire import decode_tensor, encode_tensor
 from tests.integration._grpc_util import cached_reference
-from tests.servers import FEATURES, ServerThread
+from tests.models import FEATURES
+from tests.servers import ServerThread
 
 SESSIONS = 16
 STEPS = 30

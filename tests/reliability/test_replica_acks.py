@@ -27,8 +27,8 @@ from rnnserve.service.engine import RunnerConfig, SessionEngine
 from rnnserve.service.errors import StoreUnavailable
 from rnnserve.service.record import cas_token, read_header
 from rnnserve.service.store import Commit, RedisStore, session_key
-from tests.reliability._procs import RedisProcess, wait_replicas
-from tests.servers import FEATURES, lstm_model
+from tests.models import FEATURES, lstm_model
+from tests.redis_servers import RedisProcess, wait_replicas
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,9 @@ import pytest
 
 from rnnserve.client import AsyncClient, RetryPolicy
 from tests.integration._grpc_util import cached_reference
-from tests.reliability._procs import Replica, delete_namespace
-from tests.servers import FEATURES
+from tests.models import FEATURES
+from tests.redis_servers import delete_namespace
+from tests.reliability._procs import Replica
 
 SESSIONS = 64
 STEPS = 24

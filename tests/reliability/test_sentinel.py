@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 
 from rnnserve.service.settings import Settings
+from tests.redis_servers import SentinelGroup
 from tests.reliability._failover import Figures, drive, start_sessions, write_counter_repository
-from tests.reliability._procs import SentinelGroup
 from tests.servers import ServerThread
 
 pytestmark = pytest.mark.slow

@@ -18,8 +18,10 @@ from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
 from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 from rnnserve.service.settings import Settings
 from rnnserve.service.wire import encode_tensor
-from tests.reliability._procs import delete_namespace, open_fds, rss_bytes
-from tests.servers import FEATURES, ServerThread
+from tests.models import FEATURES
+from tests.redis_servers import delete_namespace
+from tests.reliability._procs import open_fds, rss_bytes
+from tests.servers import ServerThread
 
 SESSIONS = 256
 SOAK_S = float(os.environ.get("RNNSERVE_SOAK_SECONDS", "20"))

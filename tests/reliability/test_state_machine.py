@@ -50,8 +50,9 @@ from rnnserve.service.record import SessionRecord
 from rnnserve.service.settings import Settings
 from rnnserve.service.store import session_key
 from rnnserve.service.wire import decode_tensor, encode_tensor
-from tests.reliability._procs import RedisProcess
-from tests.servers import FEATURES, ServerThread, write_repository
+from tests.models import FEATURES, write_repository
+from tests.redis_servers import RedisProcess
+from tests.servers import ServerThread
 
 pytestmark = pytest.mark.slow
 
