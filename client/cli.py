@@ -189,11 +189,14 @@ def _open_session(
     start: bool,
     version: str | None,
     constants: Any,
+    inputs: Any,
 ) -> tuple[Any, bool]:
     """(session, started): a new session when no id is given (or, with `start`, when the
     id does not exist); else the existing one, which must not be given constants or
-    another version (they only apply to a new session)."""
+    another version (they only apply to a new session). `inputs` (one step, or a
+    sequence) are converted first, so a value the model cannot take starts nothing."""
     from rnnserve.client import NotFound
+    from rnnserve.client._models import encode_named
 
     if session_id is not None:
         try:
@@ -215,7 +218,10 @@ def _open_session(
                     f"{model} {session_id}) and start it again with --version {version}"
                 )
             return session, False
-    return client.session(model, session_id, version=version, constants=constants), True
+    signature = client.signature(model, version)
+    encode_named(signature.inputs, inputs, role="input")  # InvalidRequest: nothing started
+    started = client.session(model, session_id, version=signature.version, constants=constants)
+    return started, True
 
 
 def _ended_note(client: Any, session: Any, started: bool) -> str:
@@ -365,7 +371,7 @@ def client_step(
     try:
         with _connect(ctx) as client:
             session, started = _open_session(
-                client, model, session_id, start=start, version=version, constants=values
+                client, model, session_id, start=start, version=version, constants=values, inputs=x
             )
             try:
                 outputs = session.step(x)
@@ -413,7 +419,7 @@ def client_run(
     try:
         with _connect(ctx) as client:
             session, started = _open_session(
-                client, model, session_id, start=start, version=version, constants=values
+                client, model, session_id, start=start, version=version, constants=values, inputs=xs
             )
             first = next(iter(xs.values())) if isinstance(xs, dict) else xs
             total = len(first)
