@@ -73,7 +73,7 @@ def _add_server_command(name: str, help_text: str) -> None:
         if function is None:
             typer.echo(f"error: {NOT_INSTALLED}", err=True)
             raise typer.Exit(2)
-        single = typer.Typer(pretty_exceptions_enable=False)
+        single = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
         single.command(name, **getattr(function, "__rnnserve_command__", {}))(function)
         typer.main.get_command(single).main(
             args=list(ctx.args), prog_name=f"rnnserve {name}", standalone_mode=True

@@ -195,7 +195,9 @@ def write_char_config(folder: Path) -> None:
 def server_app() -> typer.Typer:
     """The server's commands alone: `python -m rnnserve.service.cli serve ...` (how the
     supervisor starts its processes; `rnnserve serve` is the same command)."""
-    app = typer.Typer(name="rnnserve", no_args_is_help=True, pretty_exceptions_enable=False)
+    app = typer.Typer(
+        name="rnnserve", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False
+    )
     for name, function in (("serve", serve), ("demo-model", demo_model)):
         app.command(name, **getattr(function, "__rnnserve_command__", {}))(function)
     return app
