@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,19 @@ def spawn_server(
 
 
 _readers: dict[int, threading.Thread] = {}
+
+
+@contextlib.contextmanager
+def spawned_server(repo: Path, *extra: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`spawn_server` (no warm-up unless `env` says) as a context: its address, and the
+    process terminated and its output closed afterwards."""
+    process, port = spawn_server(repo, *extra, env={"RNNSERVE_WARMUP": "false", **(env or {})})
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+        close_output(process)
 
 
 def close_output(process: subprocess.Popen[str]) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.models import FEATURES, reference, write_char_lstm, write_repository
-from tests.servers import close_output, spawn_server
+from tests.servers import spawned_server
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +25,8 @@ def cli_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def address(cli_repo: Path) -> Iterator[str]:
     # No warm-up: each bucket compiles on first use, which these few calls hardly need.
-    process, port = spawn_server(cli_repo, env={"RNNSERVE_WARMUP": "false"})
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
-        close_output(process)
+    with spawned_server(cli_repo) as running:
+        yield running
 
 
 def rnnserve_client(

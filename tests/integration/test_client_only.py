@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.models import write_char_lstm
-from tests.servers import close_output, spawn_server
+from tests.servers import spawned_server
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER_ONLY = ("tensorflow", "keras", "redis", "rnnserve.service", "rnnserve.core")
@@ -105,14 +105,8 @@ def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def char_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = write_char_lstm(tmp_path_factory.mktemp("char-models"))
-    process, port = spawn_server(root, env={"RNNSERVE_WARMUP": "false"})
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
-        close_output(process)
+    with spawned_server(write_char_lstm(tmp_path_factory.mktemp("char-models"))) as address:
+        yield address
 
 
 def _run(venv_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
