@@ -15,14 +15,20 @@ core (`ClientCore`, `SessionCore`, `SequenceRun`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, Unpack
 
 import grpc
 from grpc import aio
 
-from rnnserve.client._core import ClientCore, SessionCore
+from rnnserve.client._core import (
+    ClientCore,
+    ManyOptions,
+    ResetOptions,
+    SessionCore,
+    StartOptions,
+)
 from rnnserve.client._exceptions import (
     ClientError,
     ConnectionFailed,
@@ -116,17 +122,11 @@ class AsyncClient(ClientCore):
 
     # -- sessions -------------------------------------------------------------------
     async def session(
-        self,
-        model: str,
-        session_id: str | None = None,
-        *,
-        constants: Inputs | None = None,
-        initial_states: Mapping[str, Any] | None = None,
-        version: str | None = None,
+        self, model: str, session_id: str | None = None, **options: Unpack[StartOptions]
     ) -> AsyncSession:
         """Start a session (see `Client.session`)."""
-        signature = await self.signature(model, version)
-        request = self.start_request(signature, session_id, constants, initial_states)
+        signature = await self.signature(model, options.get("version"))
+        request = self.start_request(signature, session_id, options)
         reply = await self._call("StartSession", request)
         return AsyncSession(self, signature, SessionInfo.from_message(reply.session))
 
@@ -147,15 +147,12 @@ class AsyncClient(ClientCore):
         session_ids: Sequence[str],
         inputs: Inputs,
         *,
-        seqs: Iterable[int | None] | None = None,
-        request_ids: Sequence[str] | None = None,
         version: str | None = None,
+        **options: Unpack[ManyOptions],
     ) -> ManyResult:
         """The next step of each of K sessions in one `StepMany` (see `Client.step_many`)."""
         signature = await self._signature(model, version, default_cached=True)
-        request = self.many_request(
-            signature, session_ids, inputs, seqs=seqs, request_ids=request_ids
-        )
+        request = self.many_request(signature, session_ids, inputs, options)
         return ManyResult.from_message(await self._call("StepMany", request))
 
     def step_many_stream(self, model: str, *, version: str | None = None) -> ManyStream:
@@ -237,10 +234,8 @@ class AsyncSession(SessionCore):
     async def info(self) -> SessionInfo:
         return self.synced(await self.client._get_session(self.model, self.session_id))
 
-    async def reset(
-        self, *, constants: Inputs | None = None, initial_states: Mapping[str, Any] | None = None
-    ) -> SessionInfo:
-        request = self.reset_request(constants, initial_states)
+    async def reset(self, **options: Unpack[ResetOptions]) -> SessionInfo:
+        request = self.reset_request(options)
         reply = await self.client._call("ResetSession", request)
         return self.synced(SessionInfo.from_message(reply))
 
@@ -314,12 +309,7 @@ class ManyStream:
         await self.aclose()
 
     async def send(
-        self,
-        session_ids: Sequence[str],
-        inputs: Inputs,
-        *,
-        seqs: Iterable[int | None] | None = None,
-        request_ids: Sequence[str] | None = None,
+        self, session_ids: Sequence[str], inputs: Inputs, **options: Unpack[ManyOptions]
     ) -> ManyResult:
         """One message of K rows (see `Client.step_many`); its reply when it comes."""
         if self._signature is None:
@@ -328,14 +318,7 @@ class ManyStream:
             raise self._ended
         self._batches += 1
         batch_id = str(self._batches)
-        request = self.client.many_request(
-            self._signature,
-            session_ids,
-            inputs,
-            seqs=seqs,
-            request_ids=request_ids,
-            batch_id=batch_id,
-        )
+        request = self.client.many_request(self._signature, session_ids, inputs, options, batch_id)
         reply: asyncio.Future[pb.StepManyResponse | None] = (
             asyncio.get_running_loop().create_future()
         )

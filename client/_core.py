@@ -67,7 +67,11 @@ __all__ = [
 
 
 class StartOptions(TypedDict, total=False):
-    """`session()`'s keyword arguments."""
+    """`session()`'s keyword arguments (both clients).
+
+    `constants`, `initial_states`: one array (a single-tensor role) or arrays by name
+    (default: none / the model's initial states); `version`: default the latest loaded.
+    """
 
     constants: Inputs | None
     initial_states: Mapping[str, Any] | None
@@ -75,15 +79,18 @@ class StartOptions(TypedDict, total=False):
 
 
 class ManyOptions(TypedDict, total=False):
-    """`step_many()`'s keyword arguments."""
+    """The per-row keyword arguments of `step_many()` and `ManyStream.send()`.
+
+    `seqs`: the seq each row advances from (None: that row applies in arrival order);
+    `request_ids`: one per row (default: fresh ones).
+    """
 
     seqs: Iterable[int | None] | None
     request_ids: Sequence[str] | None
-    version: str | None
 
 
 class ResetOptions(TypedDict, total=False):
-    """`reset()`'s keyword arguments."""
+    """`reset()`'s keyword arguments: new constants (default: keep) and initial states."""
 
     constants: Inputs | None
     initial_states: Mapping[str, Any] | None
@@ -203,18 +210,17 @@ class ClientCore:
     # -- requests -------------------------------------------------------------------
     @staticmethod
     def start_request(
-        signature: Signature,
-        session_id: str | None,
-        constants: Inputs | None,
-        initial_states: Mapping[str, Any] | None,
+        signature: Signature, session_id: str | None, options: StartOptions
     ) -> pb.StartSessionRequest:
         """The id is chosen here when not given, so a retried start is harmless."""
         return pb.StartSessionRequest(
             model=signature.model,
             version=signature.version,
             session_id=session_id or new_id(),
-            constants=_optional_tensors(signature.constants, constants, "constant"),
-            initial_states=_optional_tensors(signature.states, initial_states, "state"),
+            constants=_optional_tensors(signature.constants, options.get("constants"), "constant"),
+            initial_states=_optional_tensors(
+                signature.states, options.get("initial_states"), "state"
+            ),
         )
 
     @staticmethod
@@ -231,13 +237,16 @@ class ClientCore:
         signature: Signature,
         session_ids: Sequence[str],
         inputs: Inputs,
-        *,
-        seqs: Iterable[int | None] | None = None,
-        request_ids: Sequence[str] | None = None,
+        options: ManyOptions,
         batch_id: str = "",
     ) -> pb.StepManyRequest:
         return many_request(
-            signature, session_ids, inputs, seqs=seqs, request_ids=request_ids, batch_id=batch_id
+            signature,
+            session_ids,
+            inputs,
+            seqs=options.get("seqs"),
+            request_ids=options.get("request_ids"),
+            batch_id=batch_id,
         )
 
 
@@ -289,13 +298,15 @@ class SessionCore:
         self.last_replayed = bool(reply.replayed)
         return decode_outputs(reply.outputs)
 
-    def reset_request(
-        self, constants: Inputs | None, initial_states: Mapping[str, Any] | None
-    ) -> pb.ResetSessionRequest:
+    def reset_request(self, options: ResetOptions) -> pb.ResetSessionRequest:
         return pb.ResetSessionRequest(
             session=self.ref(),
-            constants=_optional_tensors(self.signature.constants, constants, "constant"),
-            initial_states=_optional_tensors(self.signature.states, initial_states, "state"),
+            constants=_optional_tensors(
+                self.signature.constants, options.get("constants"), "constant"
+            ),
+            initial_states=_optional_tensors(
+                self.signature.states, options.get("initial_states"), "state"
+            ),
         )
 
     def import_request(self, record: bytes | ExportedState) -> pb.ImportStateRequest:

@@ -10,13 +10,19 @@ with Client(["10.0.0.1:8001", "10.0.0.2:8001"]) as client:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, Unpack
 
 import grpc
 
-from rnnserve.client._core import ClientCore, SessionCore
+from rnnserve.client._core import (
+    ClientCore,
+    ManyOptions,
+    ResetOptions,
+    SessionCore,
+    StartOptions,
+)
 from rnnserve.client._models import (
     ExportedState,
     Inputs,
@@ -116,20 +122,14 @@ class Client(ClientCore):
 
     # -- sessions -------------------------------------------------------------------
     def session(
-        self,
-        model: str,
-        session_id: str | None = None,
-        *,
-        constants: Inputs | None = None,
-        initial_states: Mapping[str, Any] | None = None,
-        version: str | None = None,
+        self, model: str, session_id: str | None = None, **options: Unpack[StartOptions]
     ) -> Session:
         """Start a session (a new id unless given; an existing one is overwritten).
 
         The id is chosen here when not given, so a retried start is harmless.
         """
-        signature = self.signature(model, version)
-        request = self.start_request(signature, session_id, constants, initial_states)
+        signature = self.signature(model, options.get("version"))
+        request = self.start_request(signature, session_id, options)
         reply = self._call("StartSession", request)
         return Session(self, signature, SessionInfo.from_message(reply.session))
 
@@ -150,9 +150,8 @@ class Client(ClientCore):
         session_ids: Sequence[str],
         inputs: Inputs,
         *,
-        seqs: Iterable[int | None] | None = None,
-        request_ids: Sequence[str] | None = None,
         version: str | None = None,
+        **options: Unpack[ManyOptions],
     ) -> ManyResult:
         """The next step of each of K sessions in one `StepMany` message.
 
@@ -169,9 +168,7 @@ class Client(ClientCore):
         their `info()` re-reads the seq.
         """
         signature = self._signature(model, version, default_cached=True)
-        request = self.many_request(
-            signature, session_ids, inputs, seqs=seqs, request_ids=request_ids
-        )
+        request = self.many_request(signature, session_ids, inputs, options)
         return ManyResult.from_message(self._call("StepMany", request))
 
     def end_session(self, model: str, session_id: str) -> bool:
@@ -255,11 +252,9 @@ class Session(SessionCore):
         """The session as the server has it now (also updates `seq`)."""
         return self.synced(self.client._get_session(self.model, self.session_id))
 
-    def reset(
-        self, *, constants: Inputs | None = None, initial_states: Mapping[str, Any] | None = None
-    ) -> SessionInfo:
+    def reset(self, **options: Unpack[ResetOptions]) -> SessionInfo:
         """Back to seq 0 and initial states (constants kept unless given)."""
-        request = self.reset_request(constants, initial_states)
+        request = self.reset_request(options)
         return self.synced(SessionInfo.from_message(self.client._call("ResetSession", request)))
 
     def end(self) -> bool:

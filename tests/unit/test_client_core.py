@@ -246,6 +246,6 @@ def test_only_named_versions_are_cached() -> None:
 
 
 def test_a_start_request_chooses_its_id() -> None:
-    request = ClientCore.start_request(SIGNATURE, None, None, {"h": np.zeros(3)})
+    request = ClientCore.start_request(SIGNATURE, None, {"initial_states": {"h": np.zeros(3)}})
     assert len(request.session_id) == 32 and request.version == "1"
     assert [t.name for t in request.initial_states] == ["h"]
