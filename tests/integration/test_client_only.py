@@ -8,6 +8,7 @@ says how to install the server.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -86,8 +87,10 @@ def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copytree(
             ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__")
         )
+    # The venv's own setuptools when it has one (offline); else pip's isolated build.
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation,
          "-q", "-w", str(root / "dist"), str(source)],
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip
