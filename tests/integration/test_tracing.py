@@ -219,7 +219,7 @@ def test_json_log_lines_carry_the_trace_id(stub: Any) -> None:
     configure_logging("INFO", json_lines=True)
     stream = io.StringIO()
     root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
-    status_logger = logging.getLogger("rnnserve.service.status")
+    status_logger = logging.getLogger("rnnserve.service.interceptor")
     status_logger.setLevel(logging.DEBUG)  # its per-call line, logged inside the call's span
     header, trace_id, _ = traceparent()
     rid = f"rid-{uuid.uuid4().hex[:8]}"
@@ -274,8 +274,8 @@ import grpc
 from rnnserve.service import tracing
 from rnnserve.service.server import RnnserveServer, StartupError
 from rnnserve.service.settings import Settings
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 
 def settings(**more):
     return Settings(model_repository={str(model_repo)!r}, port=0, host="127.0.0.1",
