@@ -22,8 +22,8 @@ from typing import IO
 
 import pytest
 
-from tests.integration._redis_server import free_port
 from tests.models import write_repository
+from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
 
