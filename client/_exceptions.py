@@ -210,7 +210,9 @@ def from_status(
     reason = detail.reason if detail is not None and detail.reason else None
     if code is grpc.StatusCode.FAILED_PRECONDITION:
         current = (
-            int(detail.current_seq) if detail is not None and detail.HasField("current_seq") else None
+            int(detail.current_seq)
+            if detail is not None and detail.HasField("current_seq")
+            else None
         )
         requested = (
             int(detail.requested_seq)

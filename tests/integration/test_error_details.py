@@ -20,6 +20,7 @@ from rnnserve.client import (
     NotFound,
     PreconditionFailed,
     SeqConflict,
+    SessionRolledBack,
     VersionMismatch,
 )
 from rnnserve.client._exceptions import from_status
@@ -84,10 +85,23 @@ def step_request(session_id: str, seq: int | None, request_id: str, version: str
 def test_a_seq_conflict_carries_reason_and_both_seqs(stub):
     session_id = start(stub)
     stub.Step(step_request(session_id, 0, "a"))
-    error = rpc_error(stub.Step, step_request(session_id, 5, "b"))
+    stub.Step(step_request(session_id, 1, "b"))
+    error = rpc_error(stub.Step, step_request(session_id, 0, "c"))  # a stale step
     assert error.code() is grpc.StatusCode.FAILED_PRECONDITION
     detail = detail_of(error)
     assert detail.reason == "SEQ_CONFLICT"
+    assert (detail.current_seq, detail.requested_seq) == (2, 0)
+
+
+def test_a_step_ahead_of_the_store_is_session_rolled_back(stub):
+    """A seq ahead of the stored one means acknowledged steps are missing (a lost
+    commit, issue 14): its own reason, with the stored and the requested seq."""
+    session_id = start(stub)
+    stub.Step(step_request(session_id, 0, "a"))
+    error = rpc_error(stub.Step, step_request(session_id, 5, "b"))
+    assert error.code() is grpc.StatusCode.FAILED_PRECONDITION
+    detail = detail_of(error)
+    assert detail.reason == "SESSION_ROLLED_BACK"
     assert (detail.current_seq, detail.requested_seq) == (1, 5)
 
 
@@ -143,13 +157,13 @@ def test_the_kserve_service_shares_the_interceptor(server):
 def test_a_stream_error_carries_the_detail_in_band(stub):
     session_id = start(stub)
     replies = list(
-        stub.StepStream(iter([step_request(session_id, 0, "a"), step_request(session_id, 7, "b")]))
+        stub.StepStream(iter([step_request(session_id, 0, "a"), step_request(session_id, 0, "b")]))
     )
     assert not replies[0].HasField("error")
     error = replies[1].error
     assert error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
     assert error.detail.reason == "SEQ_CONFLICT"
-    assert (error.detail.current_seq, error.detail.requested_seq) == (1, 7)
+    assert (error.detail.current_seq, error.detail.requested_seq) == (1, 0)
 
 
 def test_step_many_sends_details_only_when_a_row_failed(stub):
@@ -190,6 +204,15 @@ def test_the_sdk_maps_reasons_to_exceptions(server):
         assert isinstance(mismatch.value, PreconditionFailed)
         assert not isinstance(mismatch.value, SeqConflict)
         assert mismatch.value.reason == "VERSION_MISMATCH"
+
+        ahead = client.attach("lstm", session.session_id)
+        ahead.seq = 9  # as if steps up to seq 9 had been acknowledged, then lost
+        with pytest.raises(SessionRolledBack) as rolled:
+            ahead.step(x())
+        assert isinstance(rolled.value, PreconditionFailed)
+        assert not isinstance(rolled.value, SeqConflict)
+        assert (rolled.value.stored_seq, rolled.value.requested_seq) == (2, 9)
+        assert (rolled.value.reason, rolled.value.missing) == ("SESSION_ROLLED_BACK", 7)
 
         with pytest.raises(NotFound) as missing:
             client.attach("lstm", "never-started")

@@ -29,8 +29,8 @@ import numpy as np
 from grpc import aio
 
 from rnnserve.core import RecurrentModel
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 from rnnserve.service.wire import decode_tensor, encode_tensor
 
 _ROLLED_BACK = re.compile(r"is at seq (\d+) but this step expected seq (\d+)")

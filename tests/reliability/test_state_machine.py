@@ -44,8 +44,8 @@ from hypothesis.stateful import (
 )
 
 from rnnserve.core import StepFunction, from_keras
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2 as pb
-from rnnserve.service._generated.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
+from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 from rnnserve.service.record import SessionRecord
 from rnnserve.service.settings import Settings
 from rnnserve.service.store import session_key

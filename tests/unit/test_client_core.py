@@ -17,6 +17,7 @@ from rnnserve.client import (
     NotFound,
     RetryPolicy,
     SeqConflict,
+    SessionRolledBack,
     StepsLost,
 )
 from rnnserve.client._core import ClientCore, SequenceRun, SessionCore
@@ -141,6 +142,23 @@ def test_more_than_one_lost_reply_is_steps_lost() -> None:
     with pytest.raises(StepsLost) as lost:
         run.resync(info(14))
     assert (lost.value.acknowledged, lost.value.current_seq) == (1, 14)
+
+
+def test_a_session_behind_what_was_acknowledged_is_rolled_back() -> None:
+    """The store lost steps it had acknowledged (a failover to a lagging replica):
+    resuming from its seq would skip them silently, so the run gives up."""
+    run = session(seq=10).sequence(XS, attempts=3)
+    run.next_call()
+    run.reply(reply(11, 0.0))
+    run.reply(reply(12, 1.0))
+    run.failed(UNAVAILABLE)
+    with pytest.raises(SessionRolledBack) as rolled:
+        run.resync(info(11))
+    assert (rolled.value.stored_seq, rolled.value.requested_seq, rolled.value.missing) == (
+        11,
+        12,
+        1,
+    )
 
 
 def test_failures_are_retried_until_the_attempts_are_spent_then_raised() -> None:
