@@ -73,10 +73,15 @@ def test_the_rolled_back_error_names_the_gap() -> None:
 
 
 def test_the_sdk_reads_the_rolled_back_status() -> None:
+    """Through the status's `ErrorDetail` (grpc_status.py), as the server sends it: the
+    SDK reads the reason and the seqs, never the message."""
+    from rnnserve.service.grpc_status import error_detail
+
     exc = errors.SessionRolledBack("s", stored_seq=2, requested_seq=5)
-    client_error = from_status(grpc.StatusCode.FAILED_PRECONDITION, exc.message)
+    client_error = from_status(grpc.StatusCode.FAILED_PRECONDITION, exc.message, error_detail(exc))
     assert isinstance(client_error, SessionRolledBack)
     assert not isinstance(client_error, SeqConflict)  # never resynchronised silently
     assert (client_error.stored_seq, client_error.requested_seq, client_error.missing) == (2, 5, 3)
-    conflict = from_status(grpc.StatusCode.FAILED_PRECONDITION, "session 's' is at seq 4; x")
+    stale = errors.SeqConflict("session 's' is at seq 4; x", current_seq=4, requested_seq=1)
+    conflict = from_status(grpc.StatusCode.FAILED_PRECONDITION, stale.message, error_detail(stale))
     assert isinstance(conflict, SeqConflict) and conflict.current_seq == 4
