@@ -45,7 +45,7 @@ from .errors import (
     ShuttingDown,
 )
 from .metrics import session_ended
-from .record import SessionRecord, cas_token, new_incarnation, read_header
+from .record import CAS_TOKEN_OFFSET, SessionRecord, cas_token, new_incarnation, read_header
 from .runner import (
     ModelRunner,
     RunnerConfig,
@@ -659,7 +659,7 @@ class SessionEngine:
             )
             token = cas_token(view.seq, view.incarnation)
             ttl = runner.config.idle_timeout_s
-            (ok,) = await self.store.commit_many([Commit(key, token, new, ttl)])
+            (ok,) = await self.store.commit_many([Commit(key, token, new, ttl, CAS_TOKEN_OFFSET)])
             if ok:
                 return SessionInfo(model, version, session_id, 0, view.created_at, now, ttl)
         raise ConcurrentUpdate(f"session {session_id!r} kept changing while it was being reset")

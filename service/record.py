@@ -40,6 +40,7 @@ import numpy as np
 from .errors import Internal, ModelVersionMismatch
 
 __all__ = [
+    "CAS_TOKEN_OFFSET",
     "CAS_TOKEN_SLICE",
     "FLAG_STATES_FLOAT16",
     "FORMAT_VERSION",
@@ -58,7 +59,8 @@ MAGIC = b"RNSR"
 FORMAT_VERSION = 1
 FLAG_STATES_FLOAT16 = 0x1
 _HEADER = struct.Struct("<4sHHQQddHHHI")
-CAS_TOKEN_SLICE = slice(8, 24)
+CAS_TOKEN_OFFSET = 8  # seq + incarnation, the bytes a commit compares (`Commit.token_at`)
+CAS_TOKEN_SLICE = slice(CAS_TOKEN_OFFSET, CAS_TOKEN_OFFSET + 16)
 _SEQ_INCARNATION = struct.Struct("<QQ")
 _TENSOR_HEAD = struct.Struct("<BB")
 _COUNT = struct.Struct("<H")

@@ -63,7 +63,7 @@ from .errors import (
     SessionRolledBack,
 )
 from .metrics import RunnerMetrics
-from .record import RecordCodec, RecordView, cas_token, new_incarnation
+from .record import CAS_TOKEN_OFFSET, RecordCodec, RecordView, cas_token, new_incarnation
 from .store import Commit, StateStore
 
 __all__ = [
@@ -424,7 +424,16 @@ class ModelRunner:
         # token) and waited for along with the batch's commits.
         confirm = (
             [
-                (i, Commit(keys[i], cas_token(v.seq, v.incarnation), cast(bytes, raws[i]), ttl))
+                (
+                    i,
+                    Commit(
+                        keys[i],
+                        cas_token(v.seq, v.incarnation),
+                        cast(bytes, raws[i]),
+                        ttl,
+                        CAS_TOKEN_OFFSET,
+                    ),
+                )
                 for i, v in replays
             ]
             if replays and self._store.min_replicas_ack > 0
@@ -601,6 +610,7 @@ class ModelRunner:
                     states=state_row,
                 ),
                 ttl,
+                CAS_TOKEN_OFFSET,
             )
             for i, view, out_row, state_row in zip(
                 todo, views, output_rows, state_rows, strict=True

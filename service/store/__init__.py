@@ -4,8 +4,9 @@ One interface (`StateStore`), two backends: `MemoryStore` (embedded, one process
 and Redis: `RedisStore` (standalone or Sentinel, redis-py asyncio + hiredis) and
 `RedisClusterStore` (Redis Cluster: keys grouped by node, one call per node). Both give the same semantics, which
 the contract tests check on each: `load_many` and `commit_many` are one round trip
-per batch, and `commit_many` is a compare-and-set per session on the record's
-`seq` + incarnation bytes (`rnnserve.service.record.CAS_TOKEN_SLICE`).
+per batch, and `commit_many` is a compare-and-set per session on the bytes each
+`Commit` names (`token_at`: for a session record, its `seq` + incarnation,
+`rnnserve.service.record.CAS_TOKEN_OFFSET`). The stores know no record layout.
 """
 
 from ._base import Commit, StateStore, check_session_id, key_prefix, session_key

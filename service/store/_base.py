@@ -43,7 +43,9 @@ def check_session_id(session_id: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Commit:
-    """Replace `key` with `value` if its stored record's CAS token still equals `token`.
+    """Replace `key` with `value` if the stored value still holds `token` at byte
+    `token_at` (a compare-and-set on part of the value: the record format decides
+    which part, the store only compares bytes).
 
     `ttl_s` becomes the key's expiry (the session's idle timeout).
     """
@@ -52,6 +54,14 @@ class Commit:
     token: bytes
     value: bytes
     ttl_s: float
+    token_at: int
+
+    def script_args(self) -> tuple[int, int, bytes, bytes, int]:
+        """A Redis commit script's arguments for this commit: the token's first and last
+        byte (GETRANGE's inclusive range), the token, the new value, its TTL in ms."""
+        first = self.token_at
+        last = first + len(self.token) - 1
+        return first, last, self.token, self.value, max(1, int(self.ttl_s * 1000))
 
 
 @runtime_checkable

@@ -37,7 +37,7 @@ from redis.backoff import NoBackoff
 
 from ..errors import Internal, PartialStoreFailure, RnnserveError, StoreUnavailable
 from ._base import Commit
-from ._redis import _UNAVAILABLE, check_acked
+from ._redis_errors import UNAVAILABLE_ERRORS, check_acked
 
 logger = logging.getLogger(__name__)
 
@@ -52,14 +52,14 @@ end
 return values
 """
 
-# ARGV[4i-3]: a key, ARGV[4i-2]: the CAS token it must hold (record bytes 8..23),
-# ARGV[4i-1]: the new record, ARGV[4i]: its TTL in milliseconds. As `COMMIT_SCRIPT`.
+# ARGV[6i-5]: a key, then its `Commit.script_args` (the token's first and last byte,
+# the token, the new value, its TTL in milliseconds). As `COMMIT_SCRIPT`.
 CLUSTER_COMMIT_SCRIPT = """#!lua flags=allow-cross-slot-keys
 local applied = {}
-for i = 1, #ARGV / 4 do
-  local base = 4 * i
-  local key = ARGV[base - 3]
-  if redis.call('GETRANGE', key, 8, 23) == ARGV[base - 2] then
+for i = 1, #ARGV / 6 do
+  local base = 6 * i
+  local key = ARGV[base - 5]
+  if redis.call('GETRANGE', key, ARGV[base - 4], ARGV[base - 3]) == ARGV[base - 2] then
     redis.call('SET', key, ARGV[base - 1], 'PX', ARGV[base])
     applied[i] = 1
   else
@@ -154,7 +154,7 @@ class RedisClusterStore:
         if isinstance(exc, RnnserveError):
             return exc
         message = f"redis cluster {what} failed: {type(exc).__name__}: {exc}"
-        if isinstance(exc, _TOPOLOGY_CHANGED + _UNAVAILABLE) or _stale_slot_map(exc):
+        if isinstance(exc, _TOPOLOGY_CHANGED + UNAVAILABLE_ERRORS) or _stale_slot_map(exc):
             self._refresh_slots()
             return StoreUnavailable(message)
         if isinstance(exc, asyncio.TimeoutError):
@@ -168,7 +168,7 @@ class RedisClusterStore:
                 yield
         except rexc.RedisError as exc:
             raise self._translate(what, exc) from exc
-        except _UNAVAILABLE as exc:
+        except UNAVAILABLE_ERRORS as exc:
             raise self._translate(what, exc) from exc
 
     def _refresh_slots(self) -> None:
@@ -311,7 +311,7 @@ class RedisClusterStore:
             args: list[Any] = []
             for i in indices:
                 c = commits[i]
-                args += (c.key, c.token, c.value, max(1, int(c.ttl_s * 1000)))
+                args += (c.key, *c.script_args())
             reply = await self._script_on(node, self._commit, args, write=True)
             return [bool(flag) for flag in reply]
 
@@ -360,7 +360,7 @@ class RedisClusterStore:
             self._refresh.cancel()
         try:
             await self._client.aclose()
-        except _UNAVAILABLE:
+        except UNAVAILABLE_ERRORS:
             logger.debug("closing redis cluster client", exc_info=True)
         await asyncio.gather(
             *(node.disconnect() for node in self._called.values()), return_exceptions=True

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from ..record import CAS_TOKEN_SLICE
 from ._base import Commit
 
 _SWEEP_EVERY = 4096
@@ -62,7 +61,8 @@ class MemoryStore:
         applied = []
         for commit in commits:
             current = self._live(commit.key, now)
-            ok = current is not None and current[CAS_TOKEN_SLICE] == commit.token
+            at = commit.token_at
+            ok = current is not None and current[at : at + len(commit.token)] == commit.token
             if ok:
                 self._data[commit.key] = (commit.value, now + commit.ttl_s)
             applied.append(ok)

@@ -37,18 +37,20 @@ from redis.backoff import NoBackoff
 
 from ..errors import Internal, StoreUnavailable
 from ._base import Commit
+from ._redis_errors import UNAVAILABLE_ERRORS, check_acked
 from ._sentinel import sentinel_client
 
 logger = logging.getLogger(__name__)
 
-# KEYS[i]: a session key; ARGV[3i-2]: the CAS token it must hold (record bytes 8..23,
-# seq + incarnation), ARGV[3i-1]: the new record, ARGV[3i]: its TTL in milliseconds.
-# Returns one 1 (written) or 0 (token differs or key gone) per key.
+# KEYS[i]: a session key; ARGV[5i-4], ARGV[5i-3]: the first and last byte of the CAS
+# token in the stored value, ARGV[5i-2]: the token it must hold there, ARGV[5i-1]: the
+# new value, ARGV[5i]: its TTL in milliseconds (`Commit.script_args`). Returns one 1
+# (written) or 0 (token differs or key gone) per key.
 COMMIT_SCRIPT = """
 local applied = {}
 for i = 1, #KEYS do
-  local base = 3 * i
-  if redis.call('GETRANGE', KEYS[i], 8, 23) == ARGV[base - 2] then
+  local base = 5 * i
+  if redis.call('GETRANGE', KEYS[i], ARGV[base - 4], ARGV[base - 3]) == ARGV[base - 2] then
     redis.call('SET', KEYS[i], ARGV[base - 1], 'PX', ARGV[base])
     applied[i] = 1
   else
@@ -57,14 +59,6 @@ for i = 1, #KEYS do
 end
 return applied
 """
-
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    rexc.ConnectionError,  # includes BusyLoadingError (Redis still loading its AOF)
-    rexc.TimeoutError,
-    rexc.ReadOnlyError,
-    TimeoutError,
-    OSError,
-)
 
 
 class RedisStore:
@@ -168,7 +162,7 @@ class RedisStore:
         try:
             async with asyncio.timeout(self._op_timeout_s):
                 yield
-        except _UNAVAILABLE as exc:
+        except UNAVAILABLE_ERRORS as exc:
             raise StoreUnavailable(f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
         except rexc.RedisError as exc:
             raise Internal(f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
@@ -207,7 +201,7 @@ class RedisStore:
         keys = [c.key for c in commits]
         args: list[bytes | int] = []
         for c in commits:
-            args += (c.token, c.value, max(1, int(c.ttl_s * 1000)))
+            args += c.script_args()
         async with self._call("commit script"):
             if self.min_replicas_ack:
                 result = await self._durable_script(keys, args)
@@ -259,16 +253,5 @@ class RedisStore:
         for client in [self._client, *self._closing]:
             try:
                 await client.aclose()
-            except _UNAVAILABLE:  # closing a pool whose server is gone
+            except UNAVAILABLE_ERRORS:  # closing a pool whose server is gone
                 logger.debug("closing redis client", exc_info=True)
-
-
-def check_acked(what: str, acked: int, required: int, timeout_ms: int) -> None:
-    """`StoreUnavailable` when a write reached fewer replicas than required."""
-    if acked < required:
-        raise StoreUnavailable(
-            f"redis {what}: the write reached {acked} of the {required} replica(s) "
-            f"that --redis-min-replicas-ack requires within {timeout_ms} ms, so it is not "
-            "acknowledged (it may be applied: a retry with the same seq and request id "
-            "is answered once)"
-        )

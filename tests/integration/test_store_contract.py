@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 
 from rnnserve.service.errors import InvalidArgument
-from rnnserve.service.record import SessionRecord
+from rnnserve.service.record import CAS_TOKEN_OFFSET, SessionRecord
 from rnnserve.service.store import Commit, StateStore, session_key
 
 
@@ -35,10 +35,14 @@ async def test_load_many_and_compare_and_set(
         None,
     ]
     commits = [
-        Commit(keys[0], record(0).cas_token, record(1, payload="a").encode(), 60),  # matches
-        Commit(keys[1], record(0).cas_token, record(9).encode(), 60),  # stale seq
-        Commit(keys[2], record(2, incarnation=2).cas_token, record(9).encode(), 60),  # restarted
-        Commit(keys[3], record(0).cas_token, record(9).encode(), 60),  # absent
+        Commit(
+            keys[0], record(0).cas_token, record(1, payload="a").encode(), 60, CAS_TOKEN_OFFSET
+        ),  # matches
+        Commit(keys[1], record(0).cas_token, record(9).encode(), 60, CAS_TOKEN_OFFSET),  # stale seq
+        Commit(
+            keys[2], record(2, incarnation=2).cas_token, record(9).encode(), 60, CAS_TOKEN_OFFSET
+        ),  # restarted
+        Commit(keys[3], record(0).cas_token, record(9).encode(), 60, CAS_TOKEN_OFFSET),  # absent
     ]
     assert await store.commit_many(commits) == [True, False, False, False]
     assert await store.commit_many([]) == []
@@ -60,13 +64,31 @@ async def test_put_get_delete_ttl(make_store: Callable[[], StateStore], namespac
     ttl = await store.ttl(key)
     assert ttl is not None and 0 < ttl <= 30
     # a commit sets the TTL to its own idle timeout
-    (ok,) = await store.commit_many([Commit(key, record(0).cas_token, record(1).encode(), 300)])
+    (ok,) = await store.commit_many(
+        [Commit(key, record(0).cas_token, record(1).encode(), 300, CAS_TOKEN_OFFSET)]
+    )
     assert ok
     ttl = await store.ttl(key)
     assert ttl is not None and 30 < ttl <= 300
     assert await store.delete(key)
     assert not await store.delete(key)
     assert await store.get(key) is None
+
+
+async def test_the_token_is_compared_where_the_commit_says(
+    make_store: Callable[[], StateStore], namespace: str
+) -> None:
+    """The store knows no record layout: it compares the bytes at `token_at`."""
+    store = make_store()
+    key = session_key(namespace, "m", "opaque")
+    assert await store.put(key, b"head-TOKEN-tail", 30)
+    assert await store.commit_many([Commit(key, b"TOKEN", b"v2", 30, 4)]) == [False]
+    assert await store.commit_many([Commit(key, b"head", b"v2", 30, 5)]) == [False]
+    assert await store.get(key) == b"head-TOKEN-tail"
+    assert await store.commit_many([Commit(key, b"TOKEN", b"v2-TOKEN2", 30, 5)]) == [True]
+    assert await store.get(key) == b"v2-TOKEN2"
+    # past the value's end: no match (Redis's GETRANGE gives what is there, or "")
+    assert await store.commit_many([Commit(key, b"TOKEN", b"v3", 30, 40)]) == [False]
 
 
 async def test_records_expire(make_store: Callable[[], StateStore], namespace: str) -> None:
@@ -76,7 +98,9 @@ async def test_records_expire(make_store: Callable[[], StateStore], namespace: s
     await asyncio.sleep(0.4)
     assert await store.get(key) is None
     assert await store.load_many([key]) == [None]
-    assert await store.commit_many([Commit(key, record(0).cas_token, b"x" * 30, 10)]) == [False]
+    assert await store.commit_many(
+        [Commit(key, record(0).cas_token, b"x" * 30, 10, CAS_TOKEN_OFFSET)]
+    ) == [False]
 
 
 @pytest.mark.parametrize(

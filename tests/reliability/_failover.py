@@ -11,17 +11,20 @@ UNAVAILABLE it retries the same step (a replay if it had landed); on
 `SessionRolledBack` (FAILED_PRECONDITION "... but this step expected seq ...") the
 store lost steps it had acknowledged: they are counted as lost and the session goes
 on from the stored seq. At the end every session's record is read back: a stored
-seq behind the last acknowledged one is a loss nobody noticed (there must be none).
+seq behind the last acknowledged one lost steps after the session's last step; its
+next step must then name the gap, else the loss went unnoticed (there must be none).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import keras
@@ -36,6 +39,7 @@ from rnnserve.service.wire import decode_tensor, encode_tensor
 _ROLLED_BACK = re.compile(r"is at seq (\d+) but this step expected seq (\d+)")
 _AHEAD = re.compile(r"is at seq (\d+); the step expected seq (\d+)")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+T = TypeVar("T")
 
 
 def write_counter_repository(root: Path) -> Path:
@@ -73,15 +77,18 @@ class Figures:
     unavailable: int = 0  # UNAVAILABLE / DEADLINE_EXCEEDED answers (retried)
     resynced: int = 0  # steps skipped: the session was ahead of this client (see `drive`)
     errors_by_session: list[int] = field(default_factory=list)
-    unnoticed: int = 0  # lost steps found only by reading the records at the end
+    unnoticed: int = 0  # lost steps that no answer named (not even the next step's)
+    lost_after_end: int = 0  # of `lost`: after the session's last step, named by the next
+    stepped: int = 0  # the seqs the sessions ended at, summed: `steps` each, or more
     first_error_at: float | None = None  # time.monotonic() of the first error answer
     last_error_at: float | None = None
 
     def line(self, name: str) -> str:
         return (
-            f"{name}: {self.sessions} sessions x {self.steps} steps: {self.acknowledged} "
-            f"acknowledged, {self.lost} lost ({self.rolled_back} SessionRolledBack answers, "
-            f"{self.unnoticed} unnoticed), {self.duplicated} duplicated, "
+            f"{name}: {self.sessions} sessions x {self.steps}+ steps ({self.stepped} in all): "
+            f"{self.acknowledged} acknowledged, {self.lost} lost ({self.rolled_back} "
+            f"SessionRolledBack answers during the load, {self.lost_after_end} steps named by "
+            f"the next step after it, {self.unnoticed} unnoticed), {self.duplicated} duplicated, "
             f"{self.unavailable} UNAVAILABLE answers retried, {self.resynced} steps skipped on resynchronising"
         )
 
@@ -112,7 +119,8 @@ async def drive(
 ) -> Figures:
     """Step every session `steps` times; once `fault_after` steps in all are
     acknowledged, run `fault` (concurrently with the load) and go on until every
-    session is at `steps` (or `timeout_s` passes: an AssertionError)."""
+    session is at `steps` and the fault is over (or `timeout_s` passes: an
+    AssertionError). `Figures.stepped` is where the sessions ended, in all."""
     figures = Figures(len(ids), steps, errors_by_session=[0] * len(ids))
     acked_seq = [0] * len(ids)
     one = encode_tensor("x", np.ones(1, np.float32))
@@ -129,7 +137,9 @@ async def drive(
         nonlocal fault_task
         sid = ids[k]
         seq = 0
-        while seq < steps:
+        # At least `steps` steps, and on until the fault is over: on a fast machine the
+        # load would otherwise end before the fault begins.
+        while seq < steps or fault_task is None or not fault_task.done():
             request = pb.StepRequest(
                 model="count", session_id=sid, seq=seq, request_id=f"{sid}#{seq}", inputs=[one]
             )
@@ -148,7 +158,7 @@ async def drive(
                     assert expected == seq, exc.details()
                     figures.rolled_back += 1
                     figures.lost += expected - stored
-                    seq = stored
+                    seq = acked_seq[k] = stored  # counted: not a loss at the end
                     continue
                 ahead = _AHEAD.search(exc.details() or "")
                 if exc.code() is grpc.StatusCode.FAILED_PRECONDITION and ahead:
@@ -180,14 +190,52 @@ async def drive(
                 await fault_task
         assert fault_started.is_set(), "the load ended before the fault"
         for k, sid in enumerate(ids):
-            record = await stub.ExportState(
-                pb.SessionRef(model="count", session_id=sid), timeout=10
-            )
-            info = await stub.GetSession(pb.SessionRef(model="count", session_id=sid), timeout=10)
+            ref = pb.SessionRef(model="count", session_id=sid)
+            record = await _until_available(functools.partial(stub.ExportState, ref, timeout=10))
+            info = await _until_available(functools.partial(stub.GetSession, ref, timeout=10))
             state = [decode_tensor(t) for t in record.states]
-            if info.seq < acked_seq[k]:
-                figures.unnoticed += acked_seq[k] - info.seq
-                figures.lost += acked_seq[k] - info.seq
             if int(state[0][0]) != info.seq:
                 figures.duplicated += 1
+            figures.stepped += max(info.seq, acked_seq[k])
+            if info.seq < acked_seq[k]:
+                # Lost after this session's last step (it had finished before the
+                # fault took its last commits): its client finds out on its next step,
+                # which sends the seq it holds. That step must name the gap.
+                figures.lost += acked_seq[k] - info.seq
+                figures.lost_after_end += acked_seq[k] - info.seq
+                if not await _names_the_gap(stub, sid, acked_seq[k], info.seq, one):
+                    figures.unnoticed += acked_seq[k] - info.seq
     return figures
+
+
+async def _until_available(call: Callable[[], Awaitable[T]], within_s: float = 30.0) -> T:
+    """`call()`, retried while the store is still settling after the fault (UNAVAILABLE:
+    e.g. a Sentinel still reports the failover under way)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return await call()
+        except aio.AioRpcError as exc:
+            if exc.code() not in RETRYABLE or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.1)
+
+
+async def _names_the_gap(
+    stub: pb_grpc.RecurrentStub, sid: str, held: int, stored: int, one: pb.Tensor
+) -> bool:
+    """Whether the next step of a client that holds seq `held` is refused with the
+    rolled-back answer naming the stored seq (and so is not applied on older state)."""
+    request = pb.StepRequest(
+        model="count", session_id=sid, seq=held, request_id=f"{sid}#{held}", inputs=[one]
+    )
+    try:
+        await _until_available(lambda: stub.Step(request, timeout=10))
+    except aio.AioRpcError as exc:
+        gap = _ROLLED_BACK.search(exc.details() or "")
+        return (
+            exc.code() is grpc.StatusCode.FAILED_PRECONDITION
+            and gap is not None
+            and (int(gap.group(1)), int(gap.group(2))) == (stored, held)
+        )
+    return False

@@ -18,7 +18,7 @@ from grpc import aio
 from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
 from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 from rnnserve.service.errors import PartialStoreFailure, StoreUnavailable
-from rnnserve.service.record import cas_token
+from rnnserve.service.record import CAS_TOKEN_OFFSET, CAS_TOKEN_SLICE, cas_token
 from rnnserve.service.settings import Settings
 from rnnserve.service.store import Commit, RedisClusterStore
 from rnnserve.service.wire import decode_tensor, encode_tensor
@@ -140,7 +140,9 @@ async def test_a_dead_node_fails_only_its_keys_and_a_stale_slot_map_is_unavailab
             assert [info.value.results[i] for i in range(len(keys)) if i not in on_dead] == [
                 record
             ] * (len(keys) - len(on_dead))
-            commits = [Commit(k, record[8:24], record, 60) for k in keys]
+            commits = [
+                Commit(k, record[CAS_TOKEN_SLICE], record, 60, CAS_TOKEN_OFFSET) for k in keys
+            ]
             with pytest.raises(PartialStoreFailure) as info:
                 await store.commit_many(commits)
             assert set(info.value.failed) == on_dead

@@ -150,7 +150,9 @@ async def test_cluster_master_killed_without_replica_acks(tmp_path: Path) -> Non
     assert 0 < sum(victims) < SESSIONS
     assert others == 0
     assert figures.duplicated == 0 and figures.unnoticed == 0
-    assert figures.acknowledged + figures.resynced == SESSIONS * STEPS + figures.lost
+    # (a step lost after its session's last one is named by the next, not applied again)
+    lost_and_applied_again = figures.lost - figures.lost_after_end
+    assert figures.acknowledged + figures.resynced == figures.stepped + lost_and_applied_again
 
 
 async def test_cluster_master_killed_with_one_replica_ack(tmp_path: Path) -> None:
@@ -160,5 +162,5 @@ async def test_cluster_master_killed_with_one_replica_ack(tmp_path: Path) -> Non
     )
     assert 0 < sum(victims) < SESSIONS
     assert others == 0
-    assert figures.acknowledged == SESSIONS * STEPS
+    assert figures.acknowledged == figures.stepped >= SESSIONS * STEPS
     assert (figures.lost, figures.rolled_back, figures.duplicated) == (0, 0, 0)

@@ -25,7 +25,7 @@ import pytest
 from rnnserve.core import StepFunction, from_keras
 from rnnserve.service.engine import RunnerConfig, SessionEngine
 from rnnserve.service.errors import StoreUnavailable
-from rnnserve.service.record import cas_token, read_header
+from rnnserve.service.record import CAS_TOKEN_OFFSET, CAS_TOKEN_SLICE, cas_token, read_header
 from rnnserve.service.store import Commit, RedisStore, session_key
 from tests.models import FEATURES, lstm_model
 from tests.redis_servers import RedisProcess, wait_replicas
@@ -136,10 +136,14 @@ async def test_the_latency_cost_of_one_replica_ack(pair) -> None:
             await store.put(key, record, 60)
         seconds = []
         for _ in range(20):  # warm the connections and the script
-            await store.commit_many([Commit(k, record[8:24], record, 60) for k in keys])
+            await store.commit_many(
+                [Commit(k, record[CAS_TOKEN_SLICE], record, 60, CAS_TOKEN_OFFSET) for k in keys]
+            )
         for _ in range(200):
             started = time.perf_counter()
-            applied = await store.commit_many([Commit(k, record[8:24], record, 60) for k in keys])
+            applied = await store.commit_many(
+                [Commit(k, record[CAS_TOKEN_SLICE], record, 60, CAS_TOKEN_OFFSET) for k in keys]
+            )
             seconds.append(time.perf_counter() - started)
             assert all(applied)
         await store.aclose()

@@ -106,13 +106,15 @@ async def test_sentinel_failover_without_replica_acks(tmp_path: Path) -> None:
     # Every lost step was named to its client; none applied on the older state.
     assert figures.unnoticed == 0
     # ... and applied again: every step acknowledged once, plus once more if lost.
-    assert figures.acknowledged + figures.resynced == SESSIONS * STEPS + figures.lost
+    # (a step lost after its session's last one is named by the next, not applied again)
+    lost_and_applied_again = figures.lost - figures.lost_after_end
+    assert figures.acknowledged + figures.resynced == figures.stepped + lost_and_applied_again
 
 
 async def test_sentinel_failover_with_one_replica_ack(tmp_path: Path) -> None:
     figures, times = await _run(tmp_path, 1, "kill")
     _report("sentinel, master SIGKILLed, redis_min_replicas_ack=1", figures, times)
-    assert figures.acknowledged == SESSIONS * STEPS
+    assert figures.acknowledged == figures.stepped >= SESSIONS * STEPS
     assert (figures.lost, figures.rolled_back, figures.duplicated) == (0, 0, 0)
     assert figures.unavailable > 0  # the fault was felt, and retried
 
@@ -120,6 +122,6 @@ async def test_sentinel_failover_with_one_replica_ack(tmp_path: Path) -> None:
 async def test_master_frozen_longer_than_the_timeout(tmp_path: Path) -> None:
     figures, times = await _run(tmp_path, 1, "freeze")
     _report("sentinel, master SIGSTOPped 3 s, redis_min_replicas_ack=1", figures, times)
-    assert figures.acknowledged == SESSIONS * STEPS
+    assert figures.acknowledged == figures.stepped >= SESSIONS * STEPS
     assert (figures.lost, figures.rolled_back, figures.duplicated) == (0, 0, 0)
     assert figures.unavailable > 0
