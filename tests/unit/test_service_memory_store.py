@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rnnserve.service.record import SessionRecord
+from rnnserve.service.record import CAS_TOKEN_OFFSET, SessionRecord
 from rnnserve.service.store import Commit, MemoryStore
 
 
@@ -25,7 +25,7 @@ async def test_expiry_is_idle_time_refreshed_by_commits() -> None:
     clock.now += 9
     assert await store.ttl("k") == 1
     token = SessionRecord(model="m", version="1", seq=0, incarnation=7).cas_token
-    assert await store.commit_many([Commit("k", token, raw(1), 10)]) == [True]
+    assert await store.commit_many([Commit("k", token, raw(1), 10, CAS_TOKEN_OFFSET)]) == [True]
     clock.now += 9  # 18 s after creation, 9 s after the last commit: alive
     assert await store.load_many(["k"]) == [raw(1)]
     clock.now += 1
