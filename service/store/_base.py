@@ -56,13 +56,6 @@ class Commit:
     ttl_s: float
     token_at: int
 
-    def script_args(self) -> tuple[int, int, bytes, bytes, int]:
-        """A Redis commit script's arguments for this commit: the token's first and last
-        byte (GETRANGE's inclusive range), the token, the new value, its TTL in ms."""
-        first = self.token_at
-        last = first + len(self.token) - 1
-        return first, last, self.token, self.value, max(1, int(self.ttl_s * 1000))
-
 
 @runtime_checkable
 class StateStore(Protocol):

@@ -37,7 +37,13 @@ from redis.backoff import NoBackoff
 
 from ..errors import Internal, PartialStoreFailure, RnnserveError, StoreUnavailable
 from ._base import Commit
-from ._redis_errors import UNAVAILABLE_ERRORS, check_acked
+from ._redis_common import (
+    UNAVAILABLE_ERRORS,
+    acked_reply,
+    check_ack_settings,
+    commit_args,
+    ttl_ms,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +58,7 @@ end
 return values
 """
 
-# ARGV[6i-5]: a key, then its `Commit.script_args` (the token's first and last byte,
+# ARGV[6i-5]: a key, then its `commit_args` (the token's first and last byte,
 # the token, the new value, its TTL in milliseconds). As `COMMIT_SCRIPT`.
 CLUSTER_COMMIT_SCRIPT = """#!lua flags=allow-cross-slot-keys
 local applied = {}
@@ -103,8 +109,7 @@ class RedisClusterStore:
         min_replicas_ack: int = 0,
         replicas_ack_timeout_ms: int = 250,
     ) -> None:
-        if min_replicas_ack < 0 or replicas_ack_timeout_ms < 1:
-            raise ValueError("min_replicas_ack must be >= 0 and replicas_ack_timeout_ms >= 1")
+        check_ack_settings(min_replicas_ack, replicas_ack_timeout_ms)
         self._client = client
         self._op_timeout_s = op_timeout_s
         self._load = client.register_script(LOAD_SCRIPT)
@@ -214,17 +219,13 @@ class RedisClusterStore:
             return await node.execute_command(*command)
         wait = ("WAIT", self.min_replicas_ack, self.replicas_ack_timeout_ms)
         reply, acked = await self._pipeline_on(node, command, wait)
-        if isinstance(reply, BaseException):
-            raise reply
-        if isinstance(acked, BaseException):
-            raise acked
-        check_acked(
+        return acked_reply(
             f"{what} on {node.name}",
-            int(acked),
+            reply,
+            acked,
             self.min_replicas_ack,
             self.replicas_ack_timeout_ms,
         )
-        return reply
 
     async def _script_on(
         self, node: ClusterNode, script: Any, args: list[Any], *, write: bool = False
@@ -311,7 +312,7 @@ class RedisClusterStore:
             args: list[Any] = []
             for i in indices:
                 c = commits[i]
-                args += (c.key, *c.script_args())
+                args += (c.key, *commit_args(c))
             reply = await self._script_on(node, self._commit, args, write=True)
             return [bool(flag) for flag in reply]
 
@@ -324,7 +325,7 @@ class RedisClusterStore:
         self, key: str, value: bytes, ttl_s: float, *, only_if_absent: bool = False
     ) -> bool:
         await self._initialized()
-        px = max(1, int(ttl_s * 1000))
+        px = ttl_ms(ttl_s)
         async with self._call("SET"):
             if self.min_replicas_ack:
                 nx = ("NX",) if only_if_absent else ()

@@ -37,14 +37,20 @@ from redis.backoff import NoBackoff
 
 from ..errors import Internal, StoreUnavailable
 from ._base import Commit
-from ._redis_errors import UNAVAILABLE_ERRORS, check_acked
+from ._redis_common import (
+    UNAVAILABLE_ERRORS,
+    acked_reply,
+    check_ack_settings,
+    commit_args,
+    ttl_ms,
+)
 from ._sentinel import sentinel_client
 
 logger = logging.getLogger(__name__)
 
 # KEYS[i]: a session key; ARGV[5i-4], ARGV[5i-3]: the first and last byte of the CAS
 # token in the stored value, ARGV[5i-2]: the token it must hold there, ARGV[5i-1]: the
-# new value, ARGV[5i]: its TTL in milliseconds (`Commit.script_args`). Returns one 1
+# new value, ARGV[5i]: its TTL in milliseconds (`commit_args`). Returns one 1
 # (written) or 0 (token differs or key gone) per key.
 COMMIT_SCRIPT = """
 local applied = {}
@@ -80,8 +86,7 @@ class RedisStore:
         replicas_ack_timeout_ms: int = 250,
         closing: Sequence[Any] = (),
     ) -> None:
-        if min_replicas_ack < 0 or replicas_ack_timeout_ms < 1:
-            raise ValueError("min_replicas_ack must be >= 0 and replicas_ack_timeout_ms >= 1")
+        check_ack_settings(min_replicas_ack, replicas_ack_timeout_ms)
         self._client = client
         self._op_timeout_s = op_timeout_s
         self._script = client.register_script(COMMIT_SCRIPT)
@@ -175,12 +180,7 @@ class RedisStore:
         pipe.execute_command(*command)
         pipe.execute_command("WAIT", self.min_replicas_ack, self.replicas_ack_timeout_ms)
         reply, acked = await pipe.execute(raise_on_error=False)
-        if isinstance(reply, BaseException):
-            raise reply
-        if isinstance(acked, BaseException):
-            raise acked
-        check_acked(what, int(acked), self.min_replicas_ack, self.replicas_ack_timeout_ms)
-        return reply
+        return acked_reply(what, reply, acked, self.min_replicas_ack, self.replicas_ack_timeout_ms)
 
     async def ping(self) -> None:
         """Check the connection and load the commit script (so batches use EVALSHA only)."""
@@ -201,7 +201,7 @@ class RedisStore:
         keys = [c.key for c in commits]
         args: list[bytes | int] = []
         for c in commits:
-            args += c.script_args()
+            args += commit_args(c)
         async with self._call("commit script"):
             if self.min_replicas_ack:
                 result = await self._durable_script(keys, args)
@@ -222,7 +222,7 @@ class RedisStore:
     async def put(
         self, key: str, value: bytes, ttl_s: float, *, only_if_absent: bool = False
     ) -> bool:
-        px = max(1, int(ttl_s * 1000))
+        px = ttl_ms(ttl_s)
         async with self._call("SET"):
             if self.min_replicas_ack:
                 nx = ("NX",) if only_if_absent else ()
