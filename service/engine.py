@@ -45,7 +45,7 @@ from .errors import (
     ShuttingDown,
 )
 from .metrics import session_ended
-from .record import CAS_TOKEN_OFFSET, SessionRecord, cas_token, new_incarnation, read_header
+from .record import SessionRecord, new_incarnation, read_header, replace_record
 from .runner import (
     ModelRunner,
     RunnerConfig,
@@ -57,7 +57,7 @@ from .runner import (
     check_tensors,
     gather_outputs,
 )
-from .store import Commit, StateStore, check_session_id, key_prefix, session_key
+from .store import StateStore, check_session_id, key_prefix, session_key
 
 __all__ = [
     "ManyResult",
@@ -657,9 +657,8 @@ class SessionEngine:
             new = runner.new_record(
                 constants=[c[0] for c in consts], states=states, now=now, created_at=view.created_at
             )
-            token = cas_token(view.seq, view.incarnation)
             ttl = runner.config.idle_timeout_s
-            (ok,) = await self.store.commit_many([Commit(key, token, new, ttl, CAS_TOKEN_OFFSET)])
+            (ok,) = await self.store.commit_many([replace_record(key, view, new, ttl)])
             if ok:
                 return SessionInfo(model, version, session_id, 0, view.created_at, now, ttl)
         raise ConcurrentUpdate(f"session {session_id!r} kept changing while it was being reset")

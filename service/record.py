@@ -38,6 +38,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from .errors import Internal, ModelVersionMismatch
+from .store._base import Commit
 
 __all__ = [
     "CAS_TOKEN_OFFSET",
@@ -53,6 +54,7 @@ __all__ = [
     "cas_token",
     "new_incarnation",
     "read_header",
+    "replace_record",
 ]
 
 MAGIC = b"RNSR"
@@ -86,6 +88,12 @@ def new_incarnation() -> int:
 def cas_token(seq: int, incarnation: int) -> bytes:
     """The bytes a store compares before it replaces a record (see module doc)."""
     return _SEQ_INCARNATION.pack(seq, incarnation)
+
+
+def replace_record(key: str, read: RecordView, value: bytes, ttl_s: float) -> Commit:
+    """The store's compare-and-set that replaces the record `read` was read from with
+    `value`, if it is still that record (its seq + incarnation, at `CAS_TOKEN_OFFSET`)."""
+    return Commit(key, cas_token(read.seq, read.incarnation), value, ttl_s, CAS_TOKEN_OFFSET)
 
 
 def _le(dtype: Any) -> np.dtype[Any]:

@@ -63,7 +63,7 @@ from .errors import (
     SessionRolledBack,
 )
 from .metrics import RunnerMetrics
-from .record import CAS_TOKEN_OFFSET, RecordCodec, RecordView, cas_token, new_incarnation
+from .record import RecordCodec, RecordView, new_incarnation, replace_record
 from .store import Commit, StateStore
 
 __all__ = [
@@ -423,19 +423,7 @@ class ModelRunner:
         # is known to be on the replicas: it is re-written (compare-and-set on its own
         # token) and waited for along with the batch's commits.
         confirm = (
-            [
-                (
-                    i,
-                    Commit(
-                        keys[i],
-                        cas_token(v.seq, v.incarnation),
-                        cast(bytes, raws[i]),
-                        ttl,
-                        CAS_TOKEN_OFFSET,
-                    ),
-                )
-                for i, v in replays
-            ]
+            [(i, replace_record(keys[i], v, cast(bytes, raws[i]), ttl)) for i, v in replays]
             if replays and self._store.min_replicas_ack > 0
             else []
         )
@@ -596,9 +584,9 @@ class ModelRunner:
         ttl = self.config.idle_timeout_s
         encode = codec.encode
         commits = [
-            Commit(
+            replace_record(
                 keys[i],
-                cas_token(view.seq, view.incarnation),
+                view,
                 encode(
                     seq=view.seq + 1,
                     incarnation=view.incarnation,
@@ -610,7 +598,6 @@ class ModelRunner:
                     states=state_row,
                 ),
                 ttl,
-                CAS_TOKEN_OFFSET,
             )
             for i, view, out_row, state_row in zip(
                 todo, views, output_rows, state_rows, strict=True
@@ -636,7 +623,7 @@ class ModelRunner:
         write failed get the error, rows that lost the compare-and-set are retried (or
         `ConcurrentUpdate`); a confirmed replay keeps its result. Returns, per entry of
         `commits`, whether it applied (its result is then the caller's to write)."""
-        rows = [(i, c) for i, c in commits] + confirm
+        rows = [*commits, *confirm]
         failed: dict[int, BaseException] = {}
         committing = time.perf_counter()
         try:
