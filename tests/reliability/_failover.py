@@ -8,7 +8,7 @@ says, shows as a state or an output that differs from the seq.
 
 Each session steps with `seq` and a request id per seq, as the SDK does: on
 UNAVAILABLE it retries the same step (a replay if it had landed); on
-`SessionRolledBack` (FAILED_PRECONDITION "... but this step expected seq ...") the
+`SessionRolledBack` (read from the status's `ErrorDetail`, as the SDK reads it) the
 store lost steps it had acknowledged: they are counted as lost and the session goes
 on from the stored seq. At the end every session's record is read back: a stored
 seq behind the last acknowledged one lost steps after the session's last step; its
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,13 +30,12 @@ import keras
 import numpy as np
 from grpc import aio
 
+from rnnserve.client._exceptions import SeqConflict, SessionRolledBack, from_rpc_error
 from rnnserve.core import RecurrentModel
 from rnnserve.protocol.rnnserve.v1 import recurrent_pb2 as pb
 from rnnserve.protocol.rnnserve.v1 import recurrent_pb2_grpc as pb_grpc
 from rnnserve.service.wire import decode_tensor, encode_tensor
 
-_ROLLED_BACK = re.compile(r"is at seq (\d+) but this step expected seq (\d+)")
-_AHEAD = re.compile(r"is at seq (\d+); the step expected seq (\d+)")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 T = TypeVar("T")
 
@@ -137,9 +135,10 @@ async def drive(
         nonlocal fault_task
         sid = ids[k]
         seq = 0
-        # At least `steps` steps, and on until the fault is over: on a fast machine the
-        # load would otherwise end before the fault begins.
-        while seq < steps or fault_task is None or not fault_task.done():
+        # At least `steps` steps, and on until a step succeeds after the fault is over:
+        # on a fast machine the load would otherwise end before the fault begins, or
+        # on an UNAVAILABLE answer without one step on the new master.
+        while True:
             request = pb.StepRequest(
                 model="count", session_id=sid, seq=seq, request_id=f"{sid}#{seq}", inputs=[one]
             )
@@ -152,20 +151,21 @@ async def drive(
                     figures.unavailable += 1
                     await asyncio.sleep(0.05)
                     continue
-                gap = _ROLLED_BACK.search(exc.details() or "")
-                if exc.code() is grpc.StatusCode.FAILED_PRECONDITION and gap:
-                    stored, expected = int(gap.group(1)), int(gap.group(2))
+                # Read as the SDK reads it: the status's ErrorDetail, not its text.
+                error = from_rpc_error(exc)
+                if isinstance(error, SessionRolledBack):
+                    stored, expected = error.stored_seq, error.requested_seq
                     assert expected == seq, exc.details()
+                    assert _names_gap(exc, stored, expected), exc.details()
                     figures.rolled_back += 1
                     figures.lost += expected - stored
                     seq = acked_seq[k] = stored  # counted: not a loss at the end
                     continue
-                ahead = _AHEAD.search(exc.details() or "")
-                if exc.code() is grpc.StatusCode.FAILED_PRECONDITION and ahead:
+                if isinstance(error, SeqConflict) and error.current_seq is not None:
                     # After a rollback, a step this session sent before it (its call
                     # given up on, still queued on the server) can apply again: the
                     # session is ahead of this client. Go on from there.
-                    current = int(ahead.group(1))
+                    current = error.current_seq
                     assert current > seq, exc.details()
                     figures.resynced += current - seq
                     seq = current
@@ -179,6 +179,8 @@ async def drive(
             if not fault_started.is_set() and figures.acknowledged >= fault_after:
                 fault_started.set()
                 fault_task = asyncio.ensure_future(fault())
+            if seq >= steps and fault_task is not None and fault_task.done():
+                return
 
     async with channel:
         try:
@@ -232,10 +234,15 @@ async def _names_the_gap(
     try:
         await _until_available(lambda: stub.Step(request, timeout=10))
     except aio.AioRpcError as exc:
-        gap = _ROLLED_BACK.search(exc.details() or "")
+        error = from_rpc_error(exc)
         return (
-            exc.code() is grpc.StatusCode.FAILED_PRECONDITION
-            and gap is not None
-            and (int(gap.group(1)), int(gap.group(2))) == (stored, held)
+            isinstance(error, SessionRolledBack)
+            and (error.stored_seq, error.requested_seq) == (stored, held)
+            and _names_gap(exc, stored, held)
         )
     return False
+
+
+def _names_gap(exc: aio.AioRpcError, stored: int, expected: int) -> bool:
+    """Whether the message tells a person the gap too (docs/protocol.md's wording)."""
+    return f"is at seq {stored} but this step expected seq {expected}" in (exc.details() or "")
