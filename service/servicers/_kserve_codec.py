@@ -8,6 +8,8 @@ step's result as a reply (`infer_response`), the sequence parameters (`parameter
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -77,44 +79,68 @@ def metadata_tensor(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata
     )
 
 
+class _Wire:
+    """What a tensor of one spec looks like on the KServe wire, worked out once per spec
+    (a request is checked against it without building dtypes or shapes per call)."""
+
+    __slots__ = ("count", "datatype", "dtype", "field", "nbytes", "shapes", "spec")
+
+    def __init__(self, spec: TensorSpec) -> None:
+        self.spec = spec
+        self.datatype, _, self.field = DTYPES[spec.dtype]
+        self.dtype = np.dtype(spec.dtype).newbyteorder("<")
+        self.count = math.prod(spec.shape)
+        self.nbytes = self.count * self.dtype.itemsize
+        # A scalar per sample may also come as [1, 1]: Triton's dims [1] + reshape [].
+        self.shapes = ((1, *spec.shape),) + (((1, 1),) if spec.shape == () else ())
+
+
+@functools.cache
+def _wire(spec: TensorSpec) -> _Wire:
+    return _Wire(spec)
+
+
 def input_array(
     tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, spec: TensorSpec
 ) -> np.ndarray:
-    expected = DTYPES[spec.dtype][0]
-    if tensor.datatype != expected:
+    wire = _wire(spec)
+    if tensor.datatype != wire.datatype:
         raise InvalidArgument(
-            f"input {tensor.name!r}: datatype {tensor.datatype}, the model takes {expected}"
+            f"input {tensor.name!r}: datatype {tensor.datatype}, the model takes {wire.datatype}"
         )
-    shape = tuple(int(d) for d in tensor.shape)
-    # A scalar per sample may also come as [1, 1]: Triton's dims [1] + reshape [].
-    if shape != (1, *spec.shape) and not (spec.shape == () and shape == (1, 1)):
+    shape = tuple(tensor.shape)
+    if shape not in wire.shapes:
         raise InvalidArgument(
             f"input {tensor.name!r}: shape {list(shape)}, expected {[1, *spec.shape]} "
             "(one step of one sequence per request)"
         )
-    dtype = np.dtype(spec.dtype).newbyteorder("<")
-    count = int(np.prod(shape))
     if raw is not None:
-        if len(raw) != count * dtype.itemsize:
+        if len(raw) != wire.nbytes:
             raise InvalidArgument(
                 f"input {tensor.name!r}: {len(raw)} bytes of data for shape {list(shape)} "
-                f"{tensor.datatype} ({count * dtype.itemsize} expected)"
+                f"{tensor.datatype} ({wire.nbytes} expected)"
             )
-        return np.frombuffer(raw, dtype=dtype).reshape(spec.shape)
-    field = DTYPES[spec.dtype][2]
-    values = list(getattr(tensor.contents, field)) if field else []
-    if len(values) != count:
+        return np.frombuffer(raw, dtype=wire.dtype).reshape(spec.shape)
+    values = list(getattr(tensor.contents, wire.field)) if wire.field else []
+    if len(values) != wire.count:
         raise InvalidArgument(
-            f"input {tensor.name!r}: {len(values)} value(s) in contents, {count} expected"
+            f"input {tensor.name!r}: {len(values)} value(s) in contents, {wire.count} expected"
         )
     return np.asarray(values, dtype=spec.dtype).reshape(spec.shape)
 
 
 def check_requested_outputs(request: pb.ModelInferRequest, sig: StepSignature) -> None:
+    if not request.outputs:  # all of them (what tritonclient asks by default)
+        return
     known = {s.name for s in sig.outputs}
     unknown = sorted({o.name for o in request.outputs} - known)
     if unknown:
         raise InvalidArgument(f"unknown output(s) {unknown}; the model gives {sorted(known)}")
+
+
+@functools.lru_cache(maxsize=256)
+def _specs_by_name(sig: StepSignature) -> Mapping[str, TensorSpec]:
+    return {s.name: s for s in (*sig.inputs, *sig.constants)}
 
 
 def decode_inputs(
@@ -122,8 +148,8 @@ def decode_inputs(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The step's inputs and (START only) the sequence's constants, all checked
     before anything changes."""
-    specs = {s.name: s for s in (*sig.inputs, *sig.constants)}
-    raw = list(request.raw_input_contents)
+    specs = _specs_by_name(sig)
+    raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument(f"{len(raw)} raw_input_contents for {len(request.inputs)} input(s)")
     arrays: dict[str, np.ndarray] = {}
@@ -161,16 +187,14 @@ def infer_response(request: pb.ModelInferRequest, result: StepResult) -> pb.Mode
     response = pb.ModelInferResponse(
         model_name=request.model_name, model_version=result.version, id=request.id
     )
+    outputs, contents = response.outputs, response.raw_output_contents
     for spec, value in zip(result.output_specs, result.outputs, strict=True):
         if wanted and spec.name not in wanted:
             continue
-        array = np.asarray(value, dtype=np.dtype(spec.dtype).newbyteorder("<"))
-        response.outputs.append(
-            pb.ModelInferResponse.InferOutputTensor(
-                name=spec.name, datatype=DTYPES[spec.dtype][0], shape=[1, *spec.shape]
-            )
-        )
-        response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+        wire = _wire(spec)
+        outputs.add(name=spec.name, datatype=wire.datatype, shape=wire.shapes[0])
+        # tobytes() is C-ordered whatever the array's layout
+        contents.append(np.asarray(value, dtype=wire.dtype).tobytes())
     return response
 
 
