@@ -20,6 +20,7 @@ import logging
 import os
 import platform
 import signal
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,20 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """StartupError if `host:port` is taken: bound by a socket without SO_REUSEPORT (as
+    this probe is), or by one with it (which refuses a probe without it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen on {host}:{port}: the port is in use or the address is not "
+                f"this machine's ({exc.strerror})"
+            ) from exc
+
+
 class RnnserveServer:
     """One server process: see the module docstring for the lifecycle."""
 
@@ -197,7 +212,7 @@ class RnnserveServer:
         self.repository = ModelRepository(settings.model_repository, self.engine, settings)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
-        self._server: aio.Server | None = None
+        self._servers: list[aio.Server] = []  # `acceptors` of them, on one port
         self._poller: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._stopping: asyncio.Task[None] | None = None
@@ -206,6 +221,38 @@ class RnnserveServer:
         self._health_task: asyncio.Task[None] | None = None
         self._interceptor: StatusInterceptor | None = None
         self.metrics: MetricsServer | None = None
+
+    def _grpc_server(self, *, reuse_port: bool) -> aio.Server:
+        """One gRPC server with every service (all share the engine and interceptor)."""
+        limit = self.settings.max_message_bytes
+        server = aio.server(
+            interceptors=[self._interceptor],
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", int(reuse_port)),
+            ],
+        )
+        pb_grpc.add_RecurrentServicer_to_server(  # type: ignore[no-untyped-call]
+            RecurrentServicer(self.engine), server
+        )
+        kserve_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            InferenceServicer(self.engine, ready=self.is_ready), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            SERVICES,
+            server,
+            pool=_reflection_pool(
+                [
+                    pb.DESCRIPTOR,
+                    kserve_pb2.DESCRIPTOR,
+                    health_pb2.DESCRIPTOR,
+                    reflection_pb2.DESCRIPTOR,
+                ]
+            ),
+        )
+        return server
 
     async def _set_health(
         self, status: health_pb2.HealthCheckResponse.ServingStatus, *, overall: bool = True
@@ -241,54 +288,42 @@ class RnnserveServer:
             )
             logger.info("metrics on http://%s:%d/metrics", settings.host, self.metrics.port)
         process_started()  # rnnserve_models_loaded at 0 until a model loads
-        limit = settings.max_message_bytes
         self._interceptor = StatusInterceptor(auth, settings.namespace, loaded=self.engine.serves)
-        server = aio.server(
-            interceptors=[self._interceptor],
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", int(settings.reuse_port)),
-            ],
-        )
-        pb_grpc.add_RecurrentServicer_to_server(  # type: ignore[no-untyped-call]
-            RecurrentServicer(self.engine), server
-        )
-        kserve_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            InferenceServicer(self.engine, ready=self.is_ready), server
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            SERVICES,
-            server,
-            pool=_reflection_pool(
-                [
-                    pb.DESCRIPTOR,
-                    kserve_pb2.DESCRIPTOR,
-                    health_pb2.DESCRIPTOR,
-                    reflection_pb2.DESCRIPTOR,
-                ]
-            ),
-        )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{settings.host}:{settings.port}"
         credentials = _server_credentials(settings)
-        try:
-            port = (
-                server.add_secure_port(address, credentials)
-                if credentials is not None
-                else server.add_insecure_port(address)
-            )
-        except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
-            raise StartupError(
-                f"cannot listen on {address}: the port is in use or the address is not "
-                "this machine's"
-            ) from exc
-        await server.start()
-        self._server = server
+        sharing = settings.acceptors > 1
+        if sharing and not settings.reuse_port and settings.port:
+            # The acceptors share the port with SO_REUSEPORT, which would also share it
+            # with another process of this user that holds it the same way: refuse a
+            # port someone holds, as a single server would.
+            _check_port_free(settings.host, settings.port)
+        port = settings.port
+        for _ in range(settings.acceptors):
+            server = self._grpc_server(reuse_port=settings.reuse_port or sharing)
+            address = f"{settings.host}:{port}"
+            try:
+                bound = (
+                    server.add_secure_port(address, credentials)
+                    if credentials is not None
+                    else server.add_insecure_port(address)
+                )
+            except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+                await asyncio.gather(*(started.stop(None) for started in self._servers))
+                self._servers.clear()
+                raise StartupError(
+                    f"cannot listen on {address}: the port is in use or the address is not "
+                    "this machine's"
+                ) from exc
+            await server.start()
+            self._servers.append(server)
+            port = bound  # port 0: the others share the port the first one got
         self.port = int(port)
         logger.info(
-            "listening on %s:%d (%s)", settings.host, port, "TLS" if credentials else "plaintext"
+            "listening on %s:%d (%s, %d acceptor(s))",
+            settings.host,
+            port,
+            "TLS" if credentials else "plaintext",
+            settings.acceptors,
         )
         threads = settings.compute_threads or auto_compute_threads(available_cpus())
         self.repository.compute_threads = threads
@@ -413,13 +448,13 @@ class RnnserveServer:
         await self.health.enter_graceful_shutdown()
         if self._poller is not None:
             self._poller.cancel()
-        if self._server is not None:
+        if self._servers:
             # Calls already running finish first; stopping gRPC with calls still queued in
             # it would answer those CANCELLED instead of UNAVAILABLE.
             if self._interceptor is not None:
                 await self._interceptor.wait_idle(grace)
             remaining = max(0.0, deadline - asyncio.get_running_loop().time())
-            await self._server.stop(remaining)
+            await asyncio.gather(*(server.stop(remaining) for server in self._servers))
         await self.engine.aclose()
         if self.metrics is not None:
             self.metrics.close()

@@ -30,6 +30,14 @@ class Settings(BaseSettings):
     reuse_port: bool = Field(
         False, description="SO_REUSEPORT: several server processes share the port (Redis store)"
     )
+    acceptors: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description="gRPC servers in this process on the one port (SO_REUSEPORT between "
+        "them; a port another process holds is still refused): each admits new calls on "
+        "its own, so more unary calls reach a batch at once",
+    )
     processes: int = Field(
         1,
         ge=0,
