@@ -7,9 +7,14 @@ handler in a task of its own; at most `max_batches_in_flight` such tasks run at 
 (a semaphore), so the next batch fills while the previous one computes.
 
 With `idle_dispatch` (the default) the batcher does not wait when no batch is
-running: it takes what is queued and goes. Waiting for more only pays while the
-model is busy anyway; a lone session then gets unbatched latency, and under load
-batches still fill while the previous one computes.
+running and no other key is expected: it takes what is queued and goes, so a lone
+session gets unbatched latency. A key is expected when it submitted within the last
+`recent_window_s` and has nothing queued or in a batch now (its caller is elsewhere:
+in gRPC, on the network, computing its next step): then the batch waits for it, up
+to the delay. Under load the keys of a closed loop come back while the batch fills,
+so batches grow to the sessions that are really there instead of to what one turn of
+the event loop delivered; while another batch is running, a batch always waits up to
+the delay (it could not run sooner anyway).
 
 Requests carry a `key` (the session). A key has at most one request in flight, in
 any batch: a second request for a busy key waits in that key's line and becomes
@@ -128,6 +133,7 @@ class DynamicBatcher(Generic[P, R]):
         max_queue_size: int = 4096,
         max_batches_in_flight: int = 2,
         idle_dispatch: bool = True,
+        recent_window_s: float = 1.0,
         on_batch: BatchHook | None = None,
         name: str = "batcher",
     ) -> None:
@@ -143,12 +149,16 @@ class DynamicBatcher(Generic[P, R]):
         self.max_queue_size = max_queue_size
         self.max_batches_in_flight = max_batches_in_flight
         self.idle_dispatch = idle_dispatch
+        self.recent_window_s = recent_window_s
         self.name = name
         self._on_batch = on_batch
         self.stats = BatcherStats()
         self._ready: deque[Request[P, R]] = deque()
         self._waiting: dict[Hashable, deque[Request[P, R]]] = {}
         self._active: set[Hashable] = set()
+        # key -> when it last submitted (perf_counter); pruned to `recent_window_s`
+        self._seen: dict[Hashable, float] = {}
+        self._pruned_at = 0.0
         self._queued = 0
         self._in_flight: set[asyncio.Task[None]] = set()
         self._running = 0  # batches whose handler has not returned yet
@@ -271,6 +281,7 @@ class DynamicBatcher(Generic[P, R]):
     def _enqueue(self, request: Request[P, R]) -> None:
         """Behind its key's request in flight, or ready (and the loop woken)."""
         key = request.key
+        self._seen[key] = request.enqueued_at
         if key in self._active:
             line = self._waiting.get(key)
             if line is None:
@@ -306,6 +317,17 @@ class DynamicBatcher(Generic[P, R]):
             return
         self._waiting.pop(key, None)
         self._active.discard(key)
+
+    def _others_expected(self) -> bool:
+        """Whether a key that submitted recently has nothing here now (so its next
+        request may be on its way): the idle model then waits for it, up to the delay."""
+        now = time.perf_counter()
+        if now - self._pruned_at > self.recent_window_s / 4:
+            horizon = now - self.recent_window_s
+            active = self._active  # kept: so every active key is counted in `_seen`
+            self._seen = {k: t for k, t in self._seen.items() if t >= horizon or k in active}
+            self._pruned_at = now
+        return len(self._seen) > len(self._active)
 
     def _pop_ready(self) -> Request[P, R] | None:
         while self._ready:
@@ -379,7 +401,9 @@ class DynamicBatcher(Generic[P, R]):
             if request is not None:
                 batch.append(request)
                 continue
-            if self._closing or (self.idle_dispatch and not self._running):
+            if self._closing or (
+                self.idle_dispatch and not self._running and not self._others_expected()
+            ):
                 break
             remaining = deadline - loop.time()
             if remaining <= 0:

@@ -87,8 +87,9 @@ class RunnerConfig:
     """How one model version is served (from the model repository's config).
 
     - `max_batch_size`, `max_queue_delay_s`, `max_queue_size`, `max_batches_in_flight`,
-      `idle_dispatch`: the `DynamicBatcher`'s limits (a batch waits up to the delay for
-      more steps only while another batch is running, with `idle_dispatch`).
+      `idle_dispatch`: the `DynamicBatcher`'s limits (with `idle_dispatch` a batch waits
+      up to the delay for more steps only while another batch is running or a session
+      that stepped within the last second has nothing queued: its step is on its way).
     - `compute_threads`: executor threads for the model step (1: batches in flight
       overlap store I/O with compute, but never run two steps at once).
     - `idle_timeout_s`: a session's TTL in the store, refreshed by every step.

@@ -73,6 +73,56 @@ async def test_idle_dispatch_goes_at_once_and_fills_while_busy() -> None:
     assert [len(b) for b in handler.batches] == [1, 3]
 
 
+async def test_an_idle_model_waits_for_a_session_seen_recently() -> None:
+    # "b" stepped a moment ago and has nothing queued: its next step is on its way (a
+    # closed-loop client), so "a" waits for it instead of running alone.
+    handler = Recorder()
+    async with DynamicBatcher(handler, max_batch_size=8, max_queue_delay_s=5.0) as batcher:
+        assert await asyncio.gather(batcher.submit("a", 1), batcher.submit("b", 2)) == [10, 20]
+        first = batcher.submit("a", 3)
+        await asyncio.sleep(0.05)
+        assert len(handler.batches) == 1  # "a" is waiting for "b"
+        second = batcher.submit("b", 4)
+        assert await asyncio.gather(first, second) == [30, 40]
+    assert handler.batches == [[("a", 1), ("b", 2)], [("a", 3), ("b", 4)]]
+
+
+async def test_a_session_that_does_not_come_back_costs_at_most_the_delay() -> None:
+    handler = Recorder()
+    loop = asyncio.get_running_loop()
+    async with DynamicBatcher(handler, max_batch_size=8, max_queue_delay_s=0.2) as batcher:
+        await asyncio.gather(batcher.submit("a", 1), batcher.submit("b", 2))
+        started = loop.time()
+        assert await batcher.call("a", 3) == 30
+        waited = loop.time() - started
+    assert handler.batches[-1] == [("a", 3)]
+    assert waited >= 0.15  # it waited for "b" (the delay), then went alone
+
+
+async def test_a_lone_session_never_waits() -> None:
+    handler = Recorder()
+    loop = asyncio.get_running_loop()
+    async with DynamicBatcher(handler, max_batch_size=8, max_queue_delay_s=5.0) as batcher:
+        started = loop.time()
+        for i in range(5):
+            assert await batcher.call("a", i) == 10 * i
+        assert loop.time() - started < 2.5  # one wait for the delay would take 5 s
+    assert [len(b) for b in handler.batches] == [1] * 5
+
+
+async def test_sessions_quiet_for_the_window_are_not_waited_for() -> None:
+    handler = Recorder()
+    loop = asyncio.get_running_loop()
+    async with DynamicBatcher(
+        handler, max_batch_size=8, max_queue_delay_s=5.0, recent_window_s=0.1
+    ) as batcher:
+        await asyncio.gather(batcher.submit("a", 1), batcher.submit("b", 2))
+        await asyncio.sleep(0.2)  # "b" has been quiet for longer than the window
+        started = loop.time()
+        assert await batcher.call("a", 3) == 30
+        assert loop.time() - started < 2.5
+
+
 async def test_one_request_per_key_per_batch_in_order() -> None:
     handler = Recorder(delay=0.001)
     keys = ["a", "a", "b", "a", "c", "b", "a"]
