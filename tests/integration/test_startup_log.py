@@ -131,7 +131,7 @@ def test_the_start_log_names_version_settings_store_ports_and_models(
     assert TOKEN not in log  # the secret is never printed
     assert "max_batch_size" not in settings  # at its default
     assert f"state store: Redis at {redis_url}, namespace 'startlog-" in log
-    assert f"listening on 127.0.0.1:{first.port} (plaintext)" in log
+    assert f"listening on 127.0.0.1:{first.port} (plaintext, 2 acceptor(s))" in log
     assert f"metrics on http://127.0.0.1:{first.metrics_port}/metrics" in log
     assert (
         f"serving 2 model(s) on 127.0.0.1:{first.port}: "
