@@ -126,20 +126,25 @@ class EchoInference(kpb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
             yield kpb.ModelStreamInferResponse(infer_response=_infer_response(request))
 
 
-async def serve(host: str, port: int, *, suspend: bool = False) -> None:
-    server = aio.server(
-        options=[
-            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-            ("grpc.max_send_message_length", 16 * 1024 * 1024),
-            ("grpc.so_reuseport", 0),
-        ]
-    )
-    pb_grpc.add_RecurrentServicer_to_server(EchoRecurrent(suspend=suspend), server)  # type: ignore[no-untyped-call]
-    kpb_grpc.add_GRPCInferenceServiceServicer_to_server(EchoInference(), server)  # type: ignore[no-untyped-call]
-    bound = server.add_insecure_port(f"{host}:{port}")
-    await server.start()
-    print(f"echo listening on port {bound} (pid {os.getpid()})", flush=True)
-    await server.wait_for_termination()
+async def serve(host: str, port: int, *, suspend: bool = False, acceptors: int = 1) -> None:
+    """`acceptors` gRPC servers on the port (SO_REUSEPORT between them), as rnnserve's
+    `--acceptors` runs them."""
+    servers = []
+    for _ in range(acceptors):
+        server = aio.server(
+            options=[
+                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                ("grpc.max_send_message_length", 16 * 1024 * 1024),
+                ("grpc.so_reuseport", int(acceptors > 1)),
+            ]
+        )
+        pb_grpc.add_RecurrentServicer_to_server(EchoRecurrent(suspend=suspend), server)  # type: ignore[no-untyped-call]
+        kpb_grpc.add_GRPCInferenceServiceServicer_to_server(EchoInference(), server)  # type: ignore[no-untyped-call]
+        port = server.add_insecure_port(f"{host}:{port}")
+        await server.start()
+        servers.append(server)
+    print(f"echo listening on port {port} (pid {os.getpid()})", flush=True)
+    await servers[0].wait_for_termination()
 
 
 def main() -> None:
@@ -149,8 +154,9 @@ def main() -> None:
     parser.add_argument(
         "--suspend", action="store_true", help="unary Step awaits a future settled later"
     )
+    parser.add_argument("--acceptors", type=int, default=1, help="gRPC servers on the port")
     args = parser.parse_args()
-    asyncio.run(serve(args.host, args.port, suspend=args.suspend))
+    asyncio.run(serve(args.host, args.port, suspend=args.suspend, acceptors=args.acceptors))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The servers a benchmark run measures, each started as subprocesses and stopped after its points.
 
 - `echo`: `loadtests.harness.echo` (the transport ceiling; every mode);
+- `echo-a2`: `echo` with two gRPC servers on its port, as rnnserve's default `--acceptors 2`;
 - `echo-suspend`: `echo` whose unary `Step` awaits a future settled on the next loop
   iteration before it answers (what gRPC charges for a handler that suspends);
 - `unbatched`: rnnserve, memory store, `--max-batch-size 1`;
@@ -201,9 +202,9 @@ def build_peers(
     peers = []
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     for name in names:
-        if name in ("echo", "echo-suspend"):
+        if name in ("echo", "echo-suspend", "echo-a2"):
             port = free_port()
-            flags = ["--suspend"] if name == "echo-suspend" else []
+            flags = {"echo-suspend": ["--suspend"], "echo-a2": ["--acceptors", "2"]}.get(name, [])
             peers.append(
                 Peer(
                     name=name,
