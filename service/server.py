@@ -190,10 +190,14 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 def _check_port_free(host: str, port: int) -> None:
     """StartupError if `host:port` is taken: bound by a socket without SO_REUSEPORT (as
     this probe is), or by one with it (which refuses a probe without it)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    bare = host.strip("[]")
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR as gRPC sets it: connections of an earlier server in TIME_WAIT do
+        # not hold the port, a listening socket still does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind((host, port))
+            probe.bind((bare, port))
         except OSError as exc:
             raise StartupError(
                 f"cannot listen on {host}:{port}: the port is in use or the address is not "

@@ -93,3 +93,38 @@ async def test_a_port_another_socket_holds_is_refused(
         ):
             await server.start()
         assert listeners(port) == 1  # only the holder's
+
+
+def time_waits(port: int) -> int:
+    """TCP connections in TIME_WAIT whose local port is `port`."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "06" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                count += 1
+    return count
+
+
+def test_a_port_whose_old_connections_linger_in_time_wait_is_free(model_repo: Path) -> None:
+    # What a restarted server finds: the port's earlier connections, closed from the
+    # server's side, wait in TIME_WAIT. They do not hold the port for gRPC (it binds
+    # with SO_REUSEADDR), so they must not for the port check either.
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = listener.accept()
+            accepted.close()  # the server's side closes first: it goes to TIME_WAIT
+            client.recv(1)
+    assert time_waits(port) >= 1
+    settings = Settings(model_repository=model_repo, host="127.0.0.1", port=port, acceptors=2)
+    with ServerThread(settings) as server:
+        assert server.port == port
+        assert listeners(port) == 2
