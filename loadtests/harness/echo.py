@@ -106,7 +106,35 @@ def _infer_response(request: Any) -> Any:
     )
 
 
+class _Holder:
+    """`--hold-ms`: calls wait for the next tick, which settles all of them at once (as a
+    batch settles its steps), so many calls are in flight in gRPC as in rnnserve."""
+
+    def __init__(self, hold_s: float) -> None:
+        self.hold_s = hold_s
+        self.pending: list[asyncio.Future[None]] = []
+        self.task: asyncio.Task[None] | None = None
+
+    async def wait(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.task is None:
+            self.task = loop.create_task(self._run())
+        done = loop.create_future()
+        self.pending.append(done)
+        await done
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.hold_s)
+            due, self.pending = self.pending, []
+            for done in due:
+                done.set_result(None)
+
+
 class EchoInference(kpb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    def __init__(self, holder: _Holder | None = None) -> None:
+        self.holder = holder
+
     async def ServerLive(self, request: Any, context: Any) -> Any:
         return kpb.ServerLiveResponse(live=True)
 
@@ -117,6 +145,8 @@ class EchoInference(kpb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
         return kpb.ModelReadyResponse(ready=True)
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
+        if self.holder is not None:
+            await self.holder.wait()
         return _infer_response(request)
 
     async def ModelStreamInfer(
@@ -126,10 +156,13 @@ class EchoInference(kpb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
             yield kpb.ModelStreamInferResponse(infer_response=_infer_response(request))
 
 
-async def serve(host: str, port: int, *, suspend: bool = False, acceptors: int = 1) -> None:
+async def serve(
+    host: str, port: int, *, suspend: bool = False, acceptors: int = 1, hold_ms: float = 0.0
+) -> None:
     """`acceptors` gRPC servers on the port (SO_REUSEPORT between them), as rnnserve's
     `--acceptors` runs them."""
     servers = []
+    holder = _Holder(hold_ms / 1000) if hold_ms > 0 else None
     for _ in range(acceptors):
         server = aio.server(
             options=[
@@ -139,7 +172,7 @@ async def serve(host: str, port: int, *, suspend: bool = False, acceptors: int =
             ]
         )
         pb_grpc.add_RecurrentServicer_to_server(EchoRecurrent(suspend=suspend), server)  # type: ignore[no-untyped-call]
-        kpb_grpc.add_GRPCInferenceServiceServicer_to_server(EchoInference(), server)  # type: ignore[no-untyped-call]
+        kpb_grpc.add_GRPCInferenceServiceServicer_to_server(EchoInference(holder), server)  # type: ignore[no-untyped-call]
         port = server.add_insecure_port(f"{host}:{port}")
         await server.start()
         servers.append(server)
@@ -155,8 +188,19 @@ def main() -> None:
         "--suspend", action="store_true", help="unary Step awaits a future settled later"
     )
     parser.add_argument("--acceptors", type=int, default=1, help="gRPC servers on the port")
+    parser.add_argument(
+        "--hold-ms", type=float, default=0.0, help="ModelInfer waits for a tick every N ms"
+    )
     args = parser.parse_args()
-    asyncio.run(serve(args.host, args.port, suspend=args.suspend, acceptors=args.acceptors))
+    asyncio.run(
+        serve(
+            args.host,
+            args.port,
+            suspend=args.suspend,
+            acceptors=args.acceptors,
+            hold_ms=args.hold_ms,
+        )
+    )
 
 
 if __name__ == "__main__":

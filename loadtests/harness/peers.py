@@ -2,6 +2,8 @@
 
 - `echo`: `loadtests.harness.echo` (the transport ceiling; every mode);
 - `echo-a2`: `echo` with two gRPC servers on its port, as rnnserve's default `--acceptors 2`;
+- `echo-hold`: `echo` whose `ModelInfer` waits for a tick every 5 ms that answers all
+  waiting calls at once (as a batch does), so as many calls are in flight as in rnnserve;
 - `echo-suspend`: `echo` whose unary `Step` awaits a future settled on the next loop
   iteration before it answers (what gRPC charges for a handler that suspends);
 - `unbatched`: rnnserve, memory store, `--max-batch-size 1`;
@@ -202,9 +204,13 @@ def build_peers(
     peers = []
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     for name in names:
-        if name in ("echo", "echo-suspend", "echo-a2"):
+        if name in ("echo", "echo-suspend", "echo-a2", "echo-hold"):
             port = free_port()
-            flags = {"echo-suspend": ["--suspend"], "echo-a2": ["--acceptors", "2"]}.get(name, [])
+            flags = {
+                "echo-suspend": ["--suspend"],
+                "echo-a2": ["--acceptors", "2"],
+                "echo-hold": ["--hold-ms", "5"],
+            }.get(name, [])
             peers.append(
                 Peer(
                     name=name,
