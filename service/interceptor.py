@@ -10,6 +10,11 @@ the caller (`auth.TokenAuth`) and sets the per-call context (`namespace`,
 metrics, by method, model (the one its first request names, bounded to the loaded
 ones: `model_label`) and status code.
 
+It is not a gRPC interceptor: those rebuild the handler they return on every call.
+Services are registered through `serve_on(server)`, which wraps each method's handler
+once; per call the wrapper only reads the metadata, checks, sets the context and counts
+(docs/benchmarks.md: as an interceptor its per-call Python cost 20-77 µs in place).
+
 It also carries the first phase of a drain: after `start_draining()` every new
 call (health excepted) is answered UNAVAILABLE by us, and `wait_idle()` waits for
 the calls already running. Only then does the server stop gRPC itself: calls that
@@ -20,11 +25,12 @@ nothing about whether to retry elsewhere.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import operator
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -98,7 +104,7 @@ def model_label(name: str, loaded: Callable[[str], bool] | None) -> str:
     return name if loaded is not None and loaded(name) else UNKNOWN_MODEL
 
 
-class StatusInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
+class StatusInterceptor:
     """Authenticates, sets the call context, and maps errors to status codes.
 
     `loaded(name)`: whether a model of that name is loaded now (the call metrics'
@@ -143,39 +149,77 @@ class StatusInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
             await asyncio.sleep(min(quiet_s - quiet, max(0.0, deadline - loop.time())))
         return False
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        metadata = details.invocation_metadata
+    def serve_on(self, server: aio.Server) -> _Wrapping:
+        """What to register services on instead of `server` (`add_XServicer_to_server(
+        servicer, interceptor.serve_on(server))`): every handler is served wrapped."""
+        return _Wrapping(server, self)
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """`handler` as served: built once per method (not per call, as a gRPC
+        interceptor's would be); per call it authenticates, sets the call context, counts
+        the call and maps errors."""
+        return _wrap(handler, self, method)
+
+    def _begin(
+        self, method: str, probe: bool, at_startup: bool, metadata: Any
+    ) -> tuple[str, str, RnnserveError | None]:
+        """A call's namespace, request id and the failure that refuses it (or None)."""
         namespace: str | None = self._default_namespace
         failure: RnnserveError | None = None
-        probe = details.method.startswith(UNAUTHENTICATED_SERVICES)
         if self._draining and not probe:
             failure = ShuttingDown("the server is draining (shutting down); retry elsewhere")
-        elif not self._serving and not details.method.startswith(STARTUP_METHODS):
+        elif not self._serving and not at_startup:
             failure = Unavailable("the server is starting (loading models); retry shortly")
         elif self._auth is not None and not probe:
             try:
                 namespace = self._auth.namespace_for(metadata)
             except RnnserveError as exc:
                 failure, namespace = exc, None
-        calls = None if probe else self._calls
-        return _wrap(
-            handler,
-            namespace or "",
-            new_request_id(metadata),
-            failure,
-            calls,
-            request_metrics(details.method),
-            self._loaded,
-            # Traced only with tracing on, and never the probes.
-            None if probe or not tracing.ENABLED else (details.method, metadata),
+        return namespace or "", new_request_id(metadata), failure
+
+
+class _Wrapping:
+    """A server proxy for the generated `add_XServicer_to_server` functions (and health's
+    and reflection's): both the generic and the registered handlers (which gRPC prefers)
+    are registered wrapped, each method's once."""
+
+    def __init__(self, server: aio.Server, interceptor: StatusInterceptor) -> None:
+        self._server = server
+        self._interceptor = interceptor
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            wrapped = self._wrapped[method] = self._interceptor.wrap(method, handler)
+        return wrapped
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_Generic(h, self._wrap) for h in handlers))
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self._server.add_registered_method_handlers(
+            service, {name: self._wrap(f"/{service}/{name}", h) for name, h in handlers.items()}
         )
+
+    def __getattr__(self, name: str) -> Any:  # anything else is the server's
+        return getattr(self._server, name)
+
+
+class _Generic(grpc.GenericRpcHandler):  # type: ignore[misc]
+    def __init__(
+        self,
+        inner: grpc.GenericRpcHandler,
+        wrap: Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler],
+    ) -> None:
+        self._inner = inner
+        self._wrap = wrap
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self._inner.service(details)
+        return None if handler is None else self._wrap(details.method, handler)
 
 
 class _CallCounter:
@@ -207,24 +251,42 @@ class _Undecodable:
         self.error = error
 
 
-def _tolerant(
-    deserializer: Callable[[bytes], Any] | None, decoded: Callable[[Any], None]
-) -> Callable[[bytes], Any] | None:
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
     """gRPC answers a request it cannot deserialize UNKNOWN (INTERNAL inside a stream,
-    with a logged traceback); the bytes are the client's fault: INVALID_ARGUMENT.
-    `decoded` sees every request that did decode."""
+    with a logged traceback); the bytes are the client's fault: INVALID_ARGUMENT."""
     if deserializer is None:
         return None
 
     def deserialize(data: bytes) -> Any:
         try:
-            request = deserializer(data)
+            return deserializer(data)
         except Exception as exc:  # protobuf's DecodeError and friends
             return _Undecodable(exc)
-        decoded(request)
-        return request
 
     return deserialize
+
+
+class _Call:
+    """One call's accounting: when it started, the model its first request names (the
+    metrics' label), whether it was counted, its span."""
+
+    __slots__ = ("counted", "metrics", "model", "span", "started")
+
+    def __init__(self, metrics: MethodMetrics) -> None:
+        self.metrics = metrics
+        self.started = time.perf_counter()
+        self.counted = False
+        self.model: str | None = None
+        self.span: tracing.CallSpan | None = None
+
+    def named(self, request: Any) -> None:
+        if self.model is None and not isinstance(request, _Undecodable):
+            self.model = model_named(request)
+
+
+_call_var: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
+    "rnnserve_call", default=None
+)
 
 
 def _checked(request: Any) -> Any:
@@ -237,94 +299,93 @@ def stream_reader(context: aio.ServicerContext) -> Callable[[], Awaitable[Any]]:
     """`read()` for a stream handler that reads with `context.read()` instead of its
     request iterator: the next request (checked as the iterator's are), None at the end."""
     eof = aio.EOF
+    call = _call_var.get()
 
     async def read() -> Any:
         request = await context.read()
-        return None if request is eof else _checked(request)
+        if request is eof:
+            return None
+        if call is not None and call.model is None:
+            call.named(request)
+        return _checked(request)
 
     return read
 
 
-async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+async def _checked_stream(requests: AsyncIterator[Any], call: _Call) -> AsyncIterator[Any]:
     async for request in requests:
+        if call.model is None:
+            call.named(request)
         yield _checked(request)
 
 
 def _wrap(
-    handler: grpc.RpcMethodHandler,
-    namespace: str,
-    request_id: str,
-    failure: RnnserveError | None,
-    calls: _CallCounter | None,
-    metrics: MethodMetrics | None = None,
-    loaded: Callable[[str], bool] | None = None,
-    traced: tuple[str, Any] | None = None,
+    handler: grpc.RpcMethodHandler, gate: StatusInterceptor, method: str
 ) -> grpc.RpcMethodHandler:
-    started = 0.0
-    counted = False
-    model: str | None = None  # named by the call's first request
-    call_span: tracing.CallSpan | None = None
+    """`handler` served under `gate` (see `StatusInterceptor.wrap`): built once per method."""
+    probe = method.startswith(UNAUTHENTICATED_SERVICES)
+    at_startup = method.startswith(STARTUP_METHODS)
+    calls = None if probe else gate._calls
+    metrics = request_metrics(method)
+    loaded = gate._loaded
+    deserialize = _tolerant(handler.request_deserializer)
 
-    def decoded(request: Any) -> None:
-        nonlocal model
-        if model is None:
-            model = model_named(request)
-
-    deserialize = _tolerant(handler.request_deserializer, decoded)
-
-    def enter() -> None:
-        nonlocal started, call_span
+    def enter(context: aio.ServicerContext) -> tuple[_Call, RnnserveError | None]:
+        metadata = context.invocation_metadata()
+        namespace, request_id, failure = gate._begin(method, probe, at_startup, metadata)
         namespace_var.set(namespace)
         request_id_var.set(request_id)
+        call = _Call(metrics)
+        _call_var.set(call)
         if calls is not None:
             calls.enter()
-        if traced is not None:
-            call_span = tracing.start_call(traced[0], traced[1], request_id)
-        started = time.perf_counter()
+        if tracing.ENABLED and not probe:
+            call.span = tracing.start_call(method, metadata, request_id)
+            call.started = time.perf_counter()
+        return call, failure
 
-    def count(code: str) -> None:
-        # Once per call, before the client can see the status (`abort` sends it at once).
-        nonlocal counted
-        if counted:
+    def count(call: _Call, code: str) -> None:
+        if call.counted:
             return
-        counted = True
-        if metrics is not None:
-            seconds = time.perf_counter() - started
-            metrics.finished(model_label(model or "", loaded), code, seconds)
-            logger.debug("%s %s %.1fms", metrics.method, code, seconds * 1000)
-        if call_span is not None:
-            call_span.finished(code)
+        call.counted = True
+        seconds = time.perf_counter() - call.started
+        metrics.finished(model_label(call.model or "", loaded), code, seconds)
+        logger.debug("%s %s %.1fms", metrics.method, code, seconds * 1000)
+        if call.span is not None:
+            call.span.finished(code)
 
-    def leave(context: aio.ServicerContext) -> None:
+    def leave(call: _Call, context: aio.ServicerContext) -> None:
         if calls is not None:
             calls.exit()
-        count("CANCELLED" if context.cancelled() else "OK")
-        if call_span is not None:
-            call_span.end()
+        count(call, "CANCELLED" if context.cancelled() else "OK")
+        if call.span is not None:
+            call.span.end()
 
-    async def abort(context: aio.ServicerContext, exc: BaseException) -> None:
+    async def abort(call: _Call, context: aio.ServicerContext, exc: BaseException) -> None:
         code, message = describe(exc)
-        count(code.name)
+        count(call, code.name)
         detail = error_detail(exc).SerializeToString()
         await context.abort(code, message, trailing_metadata=((ERROR_DETAIL_KEY, detail),))
 
     if handler.unary_unary or handler.stream_unary:
         behavior = handler.unary_unary or handler.stream_unary
+        streaming = handler.stream_unary is not None
 
         async def unary_response(request: Any, context: aio.ServicerContext) -> Any:
-            enter()
+            call, failure = enter(context)
             try:
                 if failure is not None:
-                    await abort(context, failure)
-                if handler.stream_unary:
-                    return await behavior(_checked_stream(request), context)
+                    await abort(call, context, failure)
+                if streaming:
+                    return await behavior(_checked_stream(request, call), context)
+                call.named(request)
                 return await behavior(_checked(request), context)
             except Exception as exc:
                 if isinstance(exc, aio.AbortError):
                     raise
-                await abort(context, exc)
+                await abort(call, context, exc)
             finally:
-                leave(context)
+                leave(call, context)
 
         factory = (
             grpc.unary_unary_rpc_method_handler
@@ -338,38 +399,42 @@ def _wrap(
         )
 
     behavior = handler.unary_stream or handler.stream_stream
+    request_streaming = handler.stream_stream is not None
 
-    def checked(request: Any) -> Any:
-        return _checked_stream(request) if handler.stream_stream else _checked(request)
+    def checked(request: Any, call: _Call) -> Any:
+        if request_streaming:
+            return _checked_stream(request, call)
+        call.named(request)
+        return _checked(request)
 
     async def stream_response(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-        enter()
+        call, failure = enter(context)
         try:
             if failure is not None:
-                await abort(context, failure)
-            async for item in behavior(checked(request), context):
+                await abort(call, context, failure)
+            async for item in behavior(checked(request, call), context):
                 yield item
         except Exception as exc:
             if isinstance(exc, aio.AbortError):
                 raise
-            await abort(context, exc)
+            await abort(call, context, exc)
         finally:
-            leave(context)
+            leave(call, context)
 
     async def stream_written(request: Any, context: aio.ServicerContext) -> None:
         # A handler that sends with `context.write()` and returns None (health's Watch)
         # is a coroutine, not an async generator; gRPC tells them apart by type.
-        enter()
+        call, failure = enter(context)
         try:
             if failure is not None:
-                await abort(context, failure)
-            await behavior(checked(request), context)
+                await abort(call, context, failure)
+            await behavior(checked(request, call), context)
         except Exception as exc:
             if isinstance(exc, aio.AbortError):
                 raise
-            await abort(context, exc)
+            await abort(call, context, exc)
         finally:
-            leave(context)
+            leave(call, context)
 
     factory = (
         grpc.unary_stream_rpc_method_handler

@@ -30,7 +30,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import FileDescriptor
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from rnnserve.core import set_compute_threads
 from rnnserve.protocol.inference import grpc_service_pb2 as kserve_pb2
@@ -230,31 +230,38 @@ class RnnserveServer:
         """One gRPC server with every service (all share the engine and interceptor)."""
         limit = self.settings.max_message_bytes
         server = aio.server(
-            interceptors=[self._interceptor],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", int(reuse_port)),
             ],
         )
+        # Every handler is registered wrapped by the interceptor (built once per method;
+        # gRPC's own interceptors rebuild a handler per call).
+        assert self._interceptor is not None
+        wrapped = self._interceptor.serve_on(server)
         pb_grpc.add_RecurrentServicer_to_server(  # type: ignore[no-untyped-call]
-            RecurrentServicer(self.engine), server
+            RecurrentServicer(self.engine), wrapped
         )
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            InferenceServicer(self.engine, ready=self.is_ready), server
+            InferenceServicer(self.engine, ready=self.is_ready), wrapped
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            SERVICES,
-            server,
-            pool=_reflection_pool(
-                [
-                    pb.DESCRIPTOR,
-                    kserve_pb2.DESCRIPTOR,
-                    health_pb2.DESCRIPTOR,
-                    reflection_pb2.DESCRIPTOR,
-                ]
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, wrapped)
+        # The asyncio reflection servicer by name: `enable_server_reflection` picks it only
+        # for an `aio.Server`, which the wrapping proxy is not.
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
+            reflection.aio.ReflectionServicer(
+                SERVICES,
+                pool=_reflection_pool(
+                    [
+                        pb.DESCRIPTOR,
+                        kserve_pb2.DESCRIPTOR,
+                        health_pb2.DESCRIPTOR,
+                        reflection_pb2.DESCRIPTOR,
+                    ]
+                ),
             ),
+            wrapped,
         )
         return server
 
