@@ -16,8 +16,9 @@ from tests.integration._grpc_util import cached_reference, decode_tensor, pb, pb
 from tests.servers import ServerThread, unique
 
 
-def listeners(port: int) -> int:
-    """Listening TCP sockets on `port` (this machine, IPv4 and IPv6)."""
+def sockets(port: int, state: str) -> int:
+    """TCP sockets on this machine (IPv4 and IPv6) whose local port is `port` and whose
+    state is `state` (/proc/net/tcp's hex code: 0A LISTEN, 06 TIME_WAIT)."""
     count = 0
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -25,10 +26,18 @@ def listeners(port: int) -> int:
         except OSError:
             continue
         for line in lines:
-            local, state = line.split()[1], line.split()[3]
-            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+            fields = line.split()
+            if fields[3] == state and int(fields[1].rsplit(":", 1)[1], 16) == port:
                 count += 1
     return count
+
+
+def listeners(port: int) -> int:
+    return sockets(port, "0A")
+
+
+def time_waits(port: int) -> int:
+    return sockets(port, "06")
 
 
 def test_every_acceptor_listens_and_one_session_spans_them(model_repo: Path) -> None:
@@ -93,21 +102,6 @@ async def test_a_port_another_socket_holds_is_refused(
         ):
             await server.start()
         assert listeners(port) == 1  # only the holder's
-
-
-def time_waits(port: int) -> int:
-    """TCP connections in TIME_WAIT whose local port is `port`."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if fields[3] == "06" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                count += 1
-    return count
 
 
 def test_a_port_whose_old_connections_linger_in_time_wait_is_free(model_repo: Path) -> None:
