@@ -46,7 +46,7 @@ from rnnserve.service.errors import (
     Unavailable,
 )
 from rnnserve.service.grpc_status import ERROR_DETAIL_KEY, describe, error_detail
-from rnnserve.service.metrics import UNKNOWN_MODEL, MethodMetrics, request_metrics
+from rnnserve.service.metrics import UNKNOWN_MODEL, request_metrics
 
 __all__ = ["StatusInterceptor", "model_label", "model_named", "stream_reader"]
 
@@ -161,7 +161,7 @@ class StatusInterceptor:
         return _wrap(handler, self, method)
 
     def _begin(
-        self, method: str, probe: bool, at_startup: bool, metadata: Any
+        self, probe: bool, at_startup: bool, metadata: Any
     ) -> tuple[str, str, RnnserveError | None]:
         """A call's namespace, request id and the failure that refuses it (or None)."""
         namespace: str | None = self._default_namespace
@@ -270,10 +270,9 @@ class _Call:
     """One call's accounting: when it started, the model its first request names (the
     metrics' label), whether it was counted, its span."""
 
-    __slots__ = ("counted", "metrics", "model", "span", "started")
+    __slots__ = ("counted", "model", "span", "started")
 
-    def __init__(self, metrics: MethodMetrics) -> None:
-        self.metrics = metrics
+    def __init__(self) -> None:
         self.started = time.perf_counter()
         self.counted = False
         self.model: str | None = None
@@ -305,7 +304,7 @@ def stream_reader(context: aio.ServicerContext) -> Callable[[], Awaitable[Any]]:
         request = await context.read()
         if request is eof:
             return None
-        if call is not None and call.model is None:
+        if call is not None:
             call.named(request)
         return _checked(request)
 
@@ -314,8 +313,7 @@ def stream_reader(context: aio.ServicerContext) -> Callable[[], Awaitable[Any]]:
 
 async def _checked_stream(requests: AsyncIterator[Any], call: _Call) -> AsyncIterator[Any]:
     async for request in requests:
-        if call.model is None:
-            call.named(request)
+        call.named(request)
         yield _checked(request)
 
 
@@ -332,10 +330,10 @@ def _wrap(
 
     def enter(context: aio.ServicerContext) -> tuple[_Call, RnnserveError | None]:
         metadata = context.invocation_metadata()
-        namespace, request_id, failure = gate._begin(method, probe, at_startup, metadata)
+        namespace, request_id, failure = gate._begin(probe, at_startup, metadata)
         namespace_var.set(namespace)
         request_id_var.set(request_id)
-        call = _Call(metrics)
+        call = _Call()
         _call_var.set(call)
         if calls is not None:
             calls.enter()

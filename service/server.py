@@ -21,7 +21,7 @@ import os
 import platform
 import signal
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -226,8 +226,31 @@ class RnnserveServer:
         self._interceptor: StatusInterceptor | None = None
         self.metrics: MetricsServer | None = None
 
-    def _grpc_server(self, *, reuse_port: bool) -> aio.Server:
-        """One gRPC server with every service (all share the engine and interceptor)."""
+    def _servicers(self) -> list[tuple[Callable[[Any, Any], None], Any]]:
+        """Every service and its registration function, built once for all acceptors."""
+        pool = _reflection_pool(
+            [pb.DESCRIPTOR, kserve_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR]
+        )
+        return [
+            (pb_grpc.add_RecurrentServicer_to_server, RecurrentServicer(self.engine)),
+            (
+                kserve_grpc.add_GRPCInferenceServiceServicer_to_server,
+                InferenceServicer(self.engine, ready=self.is_ready),
+            ),
+            (health_pb2_grpc.add_HealthServicer_to_server, self.health),
+            # The asyncio reflection servicer by name: `enable_server_reflection` picks it
+            # only for an `aio.Server`, which the wrapping proxy is not.
+            (
+                reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
+                reflection.aio.ReflectionServicer(SERVICES, pool=pool),
+            ),
+        ]
+
+    def _grpc_server(
+        self, servicers: list[tuple[Callable[[Any, Any], None], Any]], *, reuse_port: bool
+    ) -> aio.Server:
+        """One gRPC server with every service (all acceptors share the servicers, the
+        engine and the interceptor)."""
         limit = self.settings.max_message_bytes
         server = aio.server(
             options=[
@@ -240,29 +263,8 @@ class RnnserveServer:
         # gRPC's own interceptors rebuild a handler per call).
         assert self._interceptor is not None
         wrapped = self._interceptor.serve_on(server)
-        pb_grpc.add_RecurrentServicer_to_server(  # type: ignore[no-untyped-call]
-            RecurrentServicer(self.engine), wrapped
-        )
-        kserve_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            InferenceServicer(self.engine, ready=self.is_ready), wrapped
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, wrapped)
-        # The asyncio reflection servicer by name: `enable_server_reflection` picks it only
-        # for an `aio.Server`, which the wrapping proxy is not.
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
-            reflection.aio.ReflectionServicer(
-                SERVICES,
-                pool=_reflection_pool(
-                    [
-                        pb.DESCRIPTOR,
-                        kserve_pb2.DESCRIPTOR,
-                        health_pb2.DESCRIPTOR,
-                        reflection_pb2.DESCRIPTOR,
-                    ]
-                ),
-            ),
-            wrapped,
-        )
+        for register, servicer in servicers:
+            register(servicer, wrapped)
         return server
 
     async def _set_health(
@@ -309,8 +311,9 @@ class RnnserveServer:
             # port someone holds, as a single server would.
             _check_port_free(settings.host, settings.port)
         port = settings.port
+        servicers = self._servicers()
         for _ in range(settings.acceptors):
-            server = self._grpc_server(reuse_port=settings.reuse_port or sharing)
+            server = self._grpc_server(servicers, reuse_port=settings.reuse_port or sharing)
             address = f"{settings.host}:{port}"
             try:
                 bound = (

@@ -83,10 +83,9 @@ class _Wire:
     """What a tensor of one spec looks like on the KServe wire, worked out once per spec
     (a request is checked against it without building dtypes or shapes per call)."""
 
-    __slots__ = ("count", "datatype", "dtype", "field", "nbytes", "shapes", "spec")
+    __slots__ = ("count", "datatype", "dtype", "field", "nbytes", "shapes")
 
     def __init__(self, spec: TensorSpec) -> None:
-        self.spec = spec
         self.datatype, _, self.field = DTYPES[spec.dtype]
         self.dtype = np.dtype(spec.dtype).newbyteorder("<")
         self.count = math.prod(spec.shape)
